@@ -1,0 +1,82 @@
+"""Calibration and evaluation text: local files only, tokenized with the model's own tokenizer."""
+
+import json
+import os
+
+import numpy as np
+
+from .errors import StreamResizeError
+
+
+def read_documents(paths):
+    """Documents from .txt (split at blank lines) and .jsonl (the `text` field of each record)."""
+    documents = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise StreamResizeError(f"{path}: dataset file not found")
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError as e:
+                        raise StreamResizeError(f"{path}:{lineno}: not valid JSON: {e}") from e
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise StreamResizeError(f"{path}:{lineno}: a jsonl record needs a string 'text' field")
+                    documents.append(record["text"])
+        elif path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            documents.extend(p.strip() for p in text.split("\n\n") if p.strip())
+        else:
+            raise StreamResizeError(f"{path}: unsupported dataset format; use .txt or .jsonl")
+    if not documents:
+        raise StreamResizeError(f"{', '.join(paths)}: no text found")
+    return documents
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # transformers raises many kinds here
+        raise StreamResizeError(f"{model_dir}: cannot load the tokenizer ({e})") from e
+
+
+def token_stream(tokenizer, documents):
+    """All documents tokenized and joined by the end-of-sequence token, as one int64 array."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = []
+    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.extend(separator)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def sample_windows(stream, num_samples, seq_length, seed, source="dataset"):
+    """`num_samples` windows of `seq_length` tokens at seeded random offsets; no padding ever."""
+    if len(stream) < seq_length:
+        raise StreamResizeError(
+            f"{source}: only {len(stream)} tokens, fewer than --max-seq-length {seq_length}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(stream) - seq_length + 1, size=num_samples)
+    return np.stack([stream[s:s + seq_length] for s in starts])
+
+
+def consecutive_windows(stream, seq_length, num_samples=None):
+    """Non-overlapping windows from the start of the stream (for evaluation)."""
+    count = len(stream) // seq_length
+    if num_samples is not None:
+        count = min(count, num_samples)
+    if count == 0:
+        raise StreamResizeError(f"evaluation text has {len(stream)} tokens, fewer than one window of {seq_length}")
+    return stream[:count * seq_length].reshape(count, seq_length)
+
+
+def calibration_ids(model_dir, paths, num_samples, seq_length, seed):
+    tokenizer = load_tokenizer(model_dir)
+    stream = token_stream(tokenizer, read_documents(paths))
+    return sample_windows(stream, num_samples, seq_length, seed, source=", ".join(paths))

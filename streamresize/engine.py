@@ -1,0 +1,370 @@
+"""The streaming compression loop.
+
+    embedding point -> for each block: load -> calibrate -> statistics -> solve -> transform
+    -> write -> propagate -> head -> index
+
+Only one block's weights, one micro-batch of hidden states and the current
+point's statistics are ever in memory; the hidden states of all calibration
+sequences live in memory-mapped files (`cache.py`), and every finished step is
+recorded in a manifest so a crashed run resumes where it stopped.
+"""
+
+import hashlib
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from . import __version__
+from .architectures import check_supported, family_for
+from .cache import ActivationCache
+from .calibration import calibration_ids
+from .checkpoint import INDEX_NAME, CheckpointReader
+from .errors import StreamResizeError
+from .manifest import Manifest
+from .methods import solver, target_width
+from .modeling.modeling_streamresize import (
+    MODEL_TYPE,
+    StreamResizeConfig,
+    StreamResizeDecoderLayer,
+    attention_inputs,
+    family_classes,
+)
+from .statistics import PointStatistics, relative_error
+from .transforms import fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
+from .writer import ShardWriter
+
+log = logging.getLogger("streamresize")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name):
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def peak_memory_mb(device):
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return rss, gpu
+
+
+def crash_point(block, phase):
+    """Test hook: STREAMRESIZE_CRASH_AT=BLOCK:PHASE kills the process there, as a power cut would."""
+    if os.environ.get("STREAMRESIZE_CRASH_AT") == f"{block}:{phase}":
+        os._exit(75)
+
+
+def default_work_dir(out_dir):
+    return os.path.abspath(out_dir).rstrip(os.sep) + ".streamresize-work"
+
+
+def _inside(path, parent):
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent + os.sep)
+
+
+class StreamingCompressor:
+    def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False):
+        self.model_dir = os.path.abspath(model_dir)
+        self.out_dir = os.path.abspath(out_dir)
+        self.work_dir = os.path.abspath(work_dir or default_work_dir(out_dir))
+        self.recipe = recipe
+        self.restart = restart
+        if _inside(self.out_dir, self.model_dir) or _inside(self.model_dir, self.out_dir):
+            raise StreamResizeError(f"{self.out_dir}: the output must not be the model directory or inside it")
+        for other in (self.out_dir, self.model_dir):
+            if _inside(self.work_dir, other):
+                raise StreamResizeError(f"{self.work_dir}: the work dir must not be inside {other}")
+        if not recipe.dataset:
+            raise StreamResizeError("no calibration text: pass --dataset FILE (.txt or .jsonl)")
+
+        self.reader = CheckpointReader(self.model_dir)
+        config_path = os.path.join(self.model_dir, "config.json")
+        self.family = family_for(self.reader.config, config_path)
+        check_supported(self.reader.config, config_path)
+        self.source_config = dict(self.reader.config)
+        self.source_config.pop("quantization_config", None)
+        c = self.source_config
+        self.hidden = c["hidden_size"]
+        self.num_layers = c["num_hidden_layers"]
+        self.source_config.setdefault("head_dim", self.hidden // c["num_attention_heads"])
+        self.device = resolve_device(recipe.device)
+        self.solve = solver(recipe.method)
+        self.out_dtype = self.reader.dtype if recipe.dtype == "auto" else DTYPES[recipe.dtype]
+        width = target_width(self.hidden, recipe.sparsity, recipe.width_multiple)
+        self.widths = [width] * (2 * self.num_layers + 1)
+        self.intermediate_sizes = [c["intermediate_size"]] * self.num_layers
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def _prepare(self):
+        if os.path.exists(os.path.join(self.out_dir, INDEX_NAME)) and not self.restart \
+                and not os.path.exists(os.path.join(self.work_dir, "manifest.json")):
+            raise StreamResizeError(
+                f"{self.out_dir}: already holds a finished checkpoint; choose another output or pass --restart")
+        if self.restart and os.path.isdir(self.work_dir):
+            shutil.rmtree(self.work_dir)
+        os.makedirs(self.work_dir, exist_ok=True)
+        r = self.recipe
+        ids = calibration_ids(self.model_dir, r.dataset, r.num_calibration_samples, r.max_seq_length, r.seed)
+        np.save(os.path.join(self.work_dir, "calibration_ids.npy"), ids)
+        self.ids = ids
+        self.ids_sha256 = hashlib.sha256(ids.tobytes()).hexdigest()
+        self.signature = {
+            "model": self.reader.signature(),
+            "calibration_ids": self.ids_sha256,
+            "recipe": r.digest(),
+            "version": __version__,
+        }
+        self.manifest = Manifest.open(self.work_dir, self.signature, self.restart)
+        self.cache = ActivationCache(self.work_dir, ids.shape[0], ids.shape[1], self.hidden)
+        self.writer = ShardWriter(self.out_dir, self.out_dtype)
+        self.writer.clear_completion_marker()
+        for name, sha in self.manifest.state["shards"].items():
+            if not self.writer.shard_ok(name, sha):
+                raise StreamResizeError(
+                    f"{os.path.join(self.out_dir, name)}: changed or missing since this run wrote it; "
+                    "rerun with --restart")
+        self.block_config = StreamResizeConfig(**self._model_config_fields(dense_writers=True))
+        self.block_config._attn_implementation = "sdpa"
+        rotary_cls = family_classes(self.family.name)[2]
+        self.rotary = rotary_cls(config=self.block_config).to(self.device)
+
+    def _model_config_fields(self, dense_writers=False):
+        c = {k: v for k, v in self.source_config.items()
+             if k not in ("architectures", "model_type", "auto_map", "transformers_version", "torch_dtype")}
+        widths = list(self.widths)
+        if dense_writers:  # inside the engine, writers stay full width until their point is solved
+            widths = [self.hidden] * len(widths)
+        c.update(base_model_type=self.family.name, residual_widths=widths,
+                 intermediate_sizes=self.intermediate_sizes, shortcuts=None)
+        return c
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _weight(self, name):
+        return self.reader.get(name, torch.float32, self.device)
+
+    def _block_weight(self, layer, role):
+        return self._weight(self.family.block_name(layer, role) + ".weight")
+
+    def _calibration_layer(self, i, k_in, weights):
+        """Block i built by the output's own layer code, reading k_in columns; its writers stay
+        full width until their point is solved, and the MLP readers are set once they are known."""
+        fields = self._model_config_fields(dense_writers=True)
+        fields["residual_widths"][2 * i] = k_in
+        config = StreamResizeConfig(**fields)
+        config._attn_implementation = self.block_config._attn_implementation
+        with torch.device("meta"):
+            layer = StreamResizeDecoderLayer(config, i)
+        self._set_weights(layer, weights)
+        return layer.requires_grad_(False).eval()
+
+    @staticmethod
+    def _set_weights(layer, weights):
+        for role, w in weights.items():
+            layer.get_submodule(role).weight = torch.nn.Parameter(w.float(), requires_grad=False)
+
+    def _basis_path(self, step):
+        return os.path.join(self.work_dir, f"basis-{step}.safetensors")
+
+    def _save_basis(self, step, basis):
+        path = self._basis_path(step)
+        save_file({"basis": basis.cpu().contiguous()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def _load_basis(self, step):
+        return load_file(self._basis_path(step))["basis"].to(self.device)
+
+    def _solve_point(self, stats, point):
+        width = self.widths[point]
+        stats.offload(os.path.join(self.work_dir, f"stats-{point}.f64"))
+        stats.to(self.device)
+        basis, info = self.solve(stats, width, self.recipe.method_options)
+        error = relative_error(stats.gram, basis)
+        stats.discard()
+        return basis, {"point": point, "width": width, "local_error": error, **info}
+
+    def _finish_step(self, step, next_cache, shard_name, tensors, basis, entry):
+        """Write the shard, then the basis, then the manifest (the commit point), then tidy up."""
+        sha = self.writer.write_shard(shard_name, tensors)
+        self._save_basis(step, basis)
+        crash_point(step, "committing")
+        self.manifest.record(step + 1, next_cache, {shard_name: sha}, {k: shard_name for k in tensors}, entry)
+        if os.path.exists(self._basis_path(step - 1)):
+            os.remove(self._basis_path(step - 1))
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def _embedding_step(self, progress):
+        """Point 0: the embedding output, computed from the calibration token ids."""
+        start = time.time()
+        progress.set_postfix_str("embedding: calibrating")
+        embedding = self._weight(self.family.embedding)
+        view = self.cache.view("hidden_a", self.hidden)
+        stats = PointStatistics(self.hidden, self.device)
+        for rows in self.cache.batches(self.recipe.batch_size):
+            x = embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)]
+            self.cache.write(view, rows, x)
+            stats.add(x)
+        view.flush()
+        progress.set_postfix_str("embedding: solving")
+        basis, point = self._solve_point(stats, 0)
+        progress.set_postfix_str("embedding: propagating")
+        self.cache.project_in_place("hidden_a", basis, self.recipe.batch_size, self.device)
+        entry = {"step": "embedding", "points": [point], "seconds": time.time() - start}
+        tensors = {"model.embed_tokens.weight": rotate_embedding(embedding, basis)}
+        self._finish_step(-1, "hidden_a", "model-embed.safetensors", tensors, basis, entry)
+        log.info("embedding: width %d, local error %.4f, %.1fs", point["width"], point["local_error"],
+                 entry["seconds"])
+
+    def _block_step(self, i, progress):
+        start = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        source = self.manifest.state["current_cache"]
+        target = "hidden_b" if source == "hidden_a" else "hidden_a"
+        k_in = self.widths[2 * i]
+        basis_in = self._load_basis(i - 1)
+        f = self.family
+
+        progress.set_postfix_str(f"block {i}: loading")
+        attn_norm, mlp_norm = self._block_weight(i, f.attn_norm), self._block_weight(i, f.mlp_norm)
+        readers = {r: rotate_reader(fold_norm(self._block_weight(i, r), attn_norm), basis_in) for r in f.attn_readers}
+        w_o, w_down = self._block_weight(i, f.attn_writer), self._block_weight(i, f.mlp_writer)
+        layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, f.mlp_writer: w_down, **readers})
+
+        # Pass A: attention, signals at the post-attention point (full width) -> scratch.
+        progress.set_postfix_str(f"block {i}: calibrating attention")
+        view_in = self.cache.view(source, k_in)
+        scratch = self.cache.view("scratch", self.hidden)
+        stats = PointStatistics(self.hidden, self.device)
+        basis_in_t = basis_in.float().T.contiguous()
+        with torch.no_grad():
+            for rows in self.cache.batches(self.recipe.batch_size):
+                x = self.cache.read(view_in, rows, self.device)
+                kwargs = attention_inputs(self.block_config, self.rotary, x)
+                update, _ = layer.self_attn(layer.input_layernorm(x), **kwargs)
+                signal = x @ basis_in_t + update
+                self.cache.write(scratch, rows, signal)
+                stats.add(signal)
+        scratch.flush()
+        crash_point(i, "solving")
+        progress.set_postfix_str(f"block {i}: solving attention point")
+        basis_attn, point_attn = self._solve_point(stats, 2 * i + 1)
+
+        mlp_readers = {r: rotate_reader(fold_norm(self._block_weight(i, r), mlp_norm), basis_attn)
+                       for r in f.mlp_readers}
+        self._set_weights(layer, mlp_readers)
+
+        # Pass B: MLP on the narrowed post-attention residual; output-point signals -> target.
+        progress.set_postfix_str(f"block {i}: calibrating MLP")
+        view_out = self.cache.view(target, self.hidden)
+        stats = PointStatistics(self.hidden, self.device)
+        basis_attn_f = basis_attn.float()
+        basis_attn_t = basis_attn_f.T.contiguous()
+        with torch.no_grad():
+            for rows in self.cache.batches(self.recipe.batch_size):
+                narrowed = self.cache.read(scratch, rows, self.device) @ basis_attn_f
+                signal = narrowed @ basis_attn_t + layer.mlp(layer.post_attention_layernorm(narrowed))
+                self.cache.write(view_out, rows, signal)
+                stats.add(signal)
+        view_out.flush()
+        progress.set_postfix_str(f"block {i}: solving MLP point")
+        basis_out, point_mlp = self._solve_point(stats, 2 * i + 2)
+        crash_point(i, "propagating")
+        progress.set_postfix_str(f"block {i}: propagating")
+        self.cache.project_in_place(target, basis_out, self.recipe.batch_size, self.device)
+
+        progress.set_postfix_str(f"block {i}: writing")
+        prefix = f"model.layers.{i}."
+        tensors = {prefix + r + ".weight": w for r, w in {**readers, **mlp_readers}.items()}
+        tensors[prefix + "self_attn.o_proj.weight"] = rotate_writer(w_o, basis_attn)
+        tensors[prefix + "mlp.down_proj.weight"] = rotate_writer(w_down, basis_out)
+        for name, matrix in (("attn_shortcut", shortcut(basis_in, basis_attn)),
+                             ("mlp_shortcut", shortcut(basis_attn, basis_out))):
+            if matrix is not None:
+                tensors[prefix + name + ".weight"] = matrix
+        rss, gpu = peak_memory_mb(self.device)
+        entry = {"step": f"block {i}", "block": i, "points": [point_attn, point_mlp],
+                 "seconds": time.time() - start, "peak_rss_mb": rss, "peak_gpu_mb": gpu}
+        self._finish_step(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, entry)
+        log.info("block %d/%d: widths %d->%d->%d, local error attn %.4f mlp %.4f, %.1fs, peak RSS %.0f MB%s",
+                 i + 1, self.num_layers, k_in, point_attn["width"], point_mlp["width"], point_attn["local_error"],
+                 point_mlp["local_error"], entry["seconds"], rss, f", GPU {gpu:.0f} MB" if gpu else "")
+
+    def _head_step(self):
+        f = self.family
+        basis = self._load_basis(self.num_layers - 1)
+        head = self._weight(f.head if self.reader.has(f.head) else f.embedding)
+        weight = rotate_reader(fold_norm(head, self._weight(f.final_norm)), basis)
+        return {"lm_head.weight": weight}
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self):
+        start = time.time()
+        self._prepare()
+        first = self.manifest.next_block
+        if first > -1:
+            log.info("resuming at block %d of %d from %s", first, self.num_layers, self.work_dir)
+        progress = tqdm(total=self.num_layers + 1, initial=first + 1, desc="compressing", unit="step",
+                        disable=not sys.stderr.isatty(), file=sys.stderr)
+        with progress:
+            if first == -1:
+                self._embedding_step(progress)
+                progress.update(1)
+            for i in range(max(first, 0), self.num_layers):
+                self._block_step(i, progress)
+                progress.update(1)
+            progress.set_postfix_str("writing head")
+            head = self._head_step()
+            sha = self.writer.write_shard("model-head.safetensors", head)
+        weight_map = dict(self.manifest.state["weight_map"])
+        weight_map.update({k: "model-head.safetensors" for k in head})
+        summary = self._finish(weight_map, {**self.manifest.state["shards"], "model-head.safetensors": sha},
+                               time.time() - start)
+        self.reader.close()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        return summary
+
+    def _finish(self, weight_map, shards, seconds):
+        from .checkpoint import parameter_count  # reads only headers
+        total_bytes = sum(os.path.getsize(os.path.join(self.out_dir, s)) for s in shards)
+        config = self._model_config_fields()
+        config["shortcuts"] = [[f"model.layers.{i}.{n}.weight" in weight_map for n in ("attn_shortcut", "mlp_shortcut")]
+                               for i in range(self.num_layers)]
+        config.update(
+            architectures=["StreamResizeForCausalLM"], model_type=MODEL_TYPE, tie_word_embeddings=False,
+            head_adapter=False, dtype=str(self.out_dtype).replace("torch.", ""),
+            auto_map={"AutoConfig": "modeling_streamresize.StreamResizeConfig",
+                      "AutoModelForCausalLM": "modeling_streamresize.StreamResizeForCausalLM"},
+        )
+        log_entries = self.manifest.state["log"]
+        source_params = self.reader.parameter_count()
+        config["streamresize"] = {
+            "version": __version__, "method": self.recipe.method, "recipe": self.recipe.resolved(),
+            "calibration_ids_sha256": self.ids_sha256, "source_parameters": source_params,
+            "steps": log_entries,
+        }
+        self.writer.finish(self.model_dir, config, weight_map, total_bytes)
+        params = parameter_count(self.out_dir)
+        summary = {"output": self.out_dir, "parameters": params, "source_parameters": source_params,
+                   "parameter_ratio": params / source_params, "seconds": seconds,
+                   "peak_rss_mb": peak_memory_mb(self.device)[0]}
+        log.info("done: %d parameters (%.1f%% of %d) in %.1fs", params, 100 * params / source_params,
+                 source_params, seconds)
+        return summary
+
+
+def compress(model_dir, out_dir, recipe, work_dir=None, restart=False):
+    return StreamingCompressor(model_dir, out_dir, recipe, work_dir, restart).run()

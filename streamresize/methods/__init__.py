@@ -1,0 +1,22 @@
+"""Width methods: each maps a point's statistics to an orthonormal basis of the kept width."""
+
+from ..errors import StreamResizeError
+from . import pca
+
+METHODS = {"pca": pca.solve}
+
+
+def solver(name):
+    if name not in METHODS:
+        raise StreamResizeError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def target_width(width, sparsity, multiple=8):
+    """SliceGPT's rule: round (1 - sparsity) * width down to a multiple, at least one multiple."""
+    if not 0.0 <= sparsity < 1.0:
+        raise StreamResizeError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if sparsity == 0.0:
+        return width
+    kept = int((1.0 - sparsity) * width) // multiple * multiple
+    return max(multiple, min(width, kept))

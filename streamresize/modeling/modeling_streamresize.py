@@ -1,0 +1,216 @@
+"""Modeling code for checkpoints written by streamresize.
+
+This file is copied verbatim into every output directory and named in its
+``auto_map``, so stock ``transformers`` loads the result with
+``trust_remote_code=True`` where streamresize is not installed. It must import
+nothing but torch and transformers.
+
+A narrowed model carries its residual stream in a per-point basis: point 0 is
+the embedding output, points 2i+1 and 2i+2 are the residual after block i's
+attention and after its MLP. ``config.residual_widths`` gives each point's
+width. Where two consecutive points use different bases, a small shortcut
+matrix maps the skip path between them. Norm scales are folded into the
+linears that read them, so every norm here is weightless and keeps dividing by
+the original width, which makes the folding exact.
+"""
+
+import importlib
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+MODEL_TYPE = "streamresize"
+
+# Architecture family -> (module, attention class, MLP class, rotary class).
+FAMILY_MODULES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaAttention", "LlamaMLP", "LlamaRotaryEmbedding"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralMLP", "MistralRotaryEmbedding"),
+}
+
+
+def family_classes(family):
+    module_name, *names = FAMILY_MODULES[family]
+    module = importlib.import_module(module_name)
+    return [getattr(module, name) for name in names]
+
+
+class StreamResizeConfig(LlamaConfig):
+    """A Llama-family config plus the widths streamresize chose.
+
+    ``hidden_size`` stays the original residual width: the norms divide by it
+    and the attention head geometry derives from it.
+    """
+
+    model_type = MODEL_TYPE
+    base_model_type: str = "llama"
+    residual_widths: list | None = None
+    intermediate_sizes: list | None = None
+    shortcuts: list | None = None
+    head_adapter: bool = False
+    sliding_window: int | None = None
+    streamresize: dict | None = None
+
+    def width(self, point):
+        return self.residual_widths[point] if self.residual_widths else self.hidden_size
+
+    def intermediate(self, layer):
+        return self.intermediate_sizes[layer] if self.intermediate_sizes else self.intermediate_size
+
+    def has_shortcut(self, layer, half):
+        return bool(self.shortcuts[layer][half]) if self.shortcuts else False
+
+
+class ResidualNorm(nn.Module):
+    """Weightless RMSNorm that divides by the original width, not the narrowed one."""
+
+    def __init__(self, original_width, eps):
+        super().__init__()
+        self.original_width = original_width
+        self.eps = eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.original_width + self.eps)
+        return x.to(dtype)
+
+
+def _linear(in_features, out_features, bias=False):
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def attention_inputs(config, rotary_emb, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None):
+    """Mask and rotary embeddings exactly as the source architecture makes them."""
+    if position_ids is None:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
+    mask = create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        past_key_values=past_key_values,
+        position_ids=position_ids,
+    )
+    return {
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "position_embeddings": rotary_emb(inputs_embeds, position_ids=position_ids),
+    }
+
+
+class StreamResizeDecoderLayer(nn.Module):
+    """One decoder block whose residual input, post-attention and output widths may all differ."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        attention_cls, mlp_cls, _ = family_classes(config.base_model_type)
+        k_in, k_attn, k_mlp = (config.width(2 * layer_idx + p) for p in range(3))
+        d_ff = config.intermediate(layer_idx)
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.attention_bias
+
+        self.self_attn = attention_cls(config, layer_idx)
+        self.self_attn.q_proj = _linear(k_in, heads * head_dim, bias)
+        self.self_attn.k_proj = _linear(k_in, kv_heads * head_dim, bias)
+        self.self_attn.v_proj = _linear(k_in, kv_heads * head_dim, bias)
+        self.self_attn.o_proj = _linear(heads * head_dim, k_attn, bias)
+
+        self.mlp = mlp_cls(config)
+        self.mlp.gate_proj = _linear(k_attn, d_ff, config.mlp_bias)
+        self.mlp.up_proj = _linear(k_attn, d_ff, config.mlp_bias)
+        self.mlp.down_proj = _linear(d_ff, k_mlp, config.mlp_bias)
+
+        self.input_layernorm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_shortcut = _linear(k_in, k_attn) if config.has_shortcut(layer_idx, 0) else None
+        self.mlp_shortcut = _linear(k_attn, k_mlp) if config.has_shortcut(layer_idx, 1) else None
+
+    @staticmethod
+    def _skip(hidden_states, shortcut):
+        return hidden_states if shortcut is None else shortcut(hidden_states)
+
+    def attention_residual(self, hidden_states, **attention_kwargs):
+        update, _ = self.self_attn(self.input_layernorm(hidden_states), **attention_kwargs)
+        return self._skip(hidden_states, self.attn_shortcut) + update
+
+    def mlp_residual(self, hidden_states):
+        update = self.mlp(self.post_attention_layernorm(hidden_states))
+        return self._skip(hidden_states, self.mlp_shortcut) + update
+
+    def forward(self, hidden_states, **attention_kwargs):
+        return self.mlp_residual(self.attention_residual(hidden_states, **attention_kwargs))
+
+
+class StreamResizePreTrainedModel(PreTrainedModel):
+    config_class = StreamResizeConfig
+    config: StreamResizeConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["StreamResizeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+
+class StreamResizeModel(StreamResizePreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        _, _, rotary_cls = family_classes(config.base_model_type)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.width(0))
+        self.layers = nn.ModuleList(StreamResizeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = rotary_cls(config=config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        attention_kwargs = attention_inputs(self.config, self.rotary_emb, inputs_embeds, attention_mask,
+                                            position_ids, past_key_values)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, past_key_values=past_key_values, **attention_kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class StreamResizeForCausalLM(StreamResizePreTrainedModel, GenerationMixin):
+    # Tied only when config.tie_word_embeddings is set (outputs with a head adapter).
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = StreamResizeModel(config)
+        # With a head adapter the head shares the embedding matrix and reads the
+        # last point through a small k_last x k_0 matrix (tied embeddings stay tied).
+        self.head_adapter = _linear(config.width(-1), config.width(0)) if config.head_adapter else None
+        head_width = config.width(0) if config.head_adapter else config.width(-1)
+        self.lm_head = _linear(head_width, config.vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        if self.head_adapter is not None:
+            hidden_states = self.head_adapter(hidden_states)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)

@@ -1,0 +1,58 @@
+"""A compression recipe: YAML file, then command-line overrides on top; saved with the output."""
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import StreamResizeError
+
+
+@dataclass
+class Recipe:
+    method: str = "pca"
+    sparsity: float = 0.25
+    dataset: list = field(default_factory=list)
+    num_calibration_samples: int = 128
+    max_seq_length: int = 2048
+    batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    width_multiple: int = 8
+    dtype: str = "auto"  # output dtype: auto = the input checkpoint's
+    method_options: dict = field(default_factory=dict)
+
+    # Keys that change how the work runs, not what it computes. Everything else is in the resume signature.
+    NOT_SIGNED = ()
+
+    def resolved(self):
+        return dataclasses.asdict(self)
+
+    def digest(self):
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+
+
+def load_recipe(path=None, overrides=None):
+    """Defaults, then the YAML file, then the overrides that are not None."""
+    values = {}
+    if path:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise StreamResizeError(f"{path}: cannot read recipe ({e})") from e
+        except yaml.YAMLError as e:
+            raise StreamResizeError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(values, dict):
+            raise StreamResizeError(f"{path}: a recipe is a mapping of option: value")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise StreamResizeError(f"{path or 'recipe'}: unknown option(s) {', '.join(unknown)}")
+    if isinstance(values.get("dataset"), str):
+        values["dataset"] = [values["dataset"]]
+    return Recipe(**values)
