@@ -39,7 +39,9 @@ from .modeling.modeling_streamresize import (
 )
 from .statistics import PointStatistics, relative_error
 from .transforms import fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
-from .writer import ShardWriter
+from .writer import ShardWriter, atomic_write_json
+
+RUN_LOG = "streamresize_run.json"  # timings and memory; the one output file that differs between runs
 
 log = logging.getLogger("streamresize")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -231,6 +233,7 @@ class StreamingCompressor:
         start = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        crash_point(i, "start")
         source = self.manifest.state["current_cache"]
         target = "hidden_b" if source == "hidden_a" else "hidden_a"
         k_in = self.widths[2 * i]
@@ -349,18 +352,23 @@ class StreamingCompressor:
             auto_map={"AutoConfig": "modeling_streamresize.StreamResizeConfig",
                       "AutoModelForCausalLM": "modeling_streamresize.StreamResizeForCausalLM"},
         )
-        log_entries = self.manifest.state["log"]
+        steps = self.manifest.state["log"]
         source_params = self.reader.parameter_count()
+        # config.json holds only what the computation decided, so a resumed run writes it byte for byte
+        # the same; timings and memory go to RUN_LOG.
         config["streamresize"] = {
             "version": __version__, "method": self.recipe.method, "recipe": self.recipe.resolved(),
             "calibration_ids_sha256": self.ids_sha256, "source_parameters": source_params,
-            "steps": log_entries,
+            "points": [p for step in steps for p in step["points"]],
         }
+        rss, gpu = peak_memory_mb(self.device)
+        run_log = {"seconds": seconds, "peak_rss_mb": rss, "peak_gpu_mb": gpu, "device": str(self.device),
+                   "steps": [{k: v for k, v in step.items() if k != "points"} for step in steps]}
+        atomic_write_json(os.path.join(self.out_dir, RUN_LOG), run_log)
         self.writer.finish(self.model_dir, config, weight_map, total_bytes)
         params = parameter_count(self.out_dir)
         summary = {"output": self.out_dir, "parameters": params, "source_parameters": source_params,
-                   "parameter_ratio": params / source_params, "seconds": seconds,
-                   "peak_rss_mb": peak_memory_mb(self.device)[0]}
+                   "parameter_ratio": params / source_params, "seconds": seconds, "peak_rss_mb": rss}
         log.info("done: %d parameters (%.1f%% of %d) in %.1fs", params, 100 * params / source_params,
                  source_params, seconds)
         return summary

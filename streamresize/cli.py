@@ -1,0 +1,88 @@
+"""Command line: `streamresize compress` and `streamresize eval`."""
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import StreamResizeError
+
+log = logging.getLogger("streamresize")
+
+
+def _compress_parser(sub):
+    p = sub.add_parser("compress", help="narrow a checkpoint one decoder block at a time",
+                       description="Compress MODEL_DIR (sharded safetensors) into OUT_DIR, streaming one block at a time.")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); options given here override it")
+    p.add_argument("--method", help="width method: pca (SliceGPT-style rotate-and-slice)")
+    p.add_argument("--sparsity", type=float, help="fraction of the residual width removed (SliceGPT's meaning)")
+    p.add_argument("--dataset", nargs="+", help="calibration text: local .txt (documents split at blank lines) "
+                                                "or .jsonl (a 'text' field per line)")
+    p.add_argument("--num-calibration-samples", type=int, help="calibration sequences (default 128)")
+    p.add_argument("--max-seq-length", type=int, help="tokens per calibration sequence (default 2048)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, help="seed for sampling calibration windows (default 0)")
+    p.add_argument("--width-multiple", type=int, help="round kept widths down to a multiple of this (default 8)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="output dtype (default: the input's)")
+    p.add_argument("--work-dir", help="scratch directory (default: OUT_DIR.streamresize-work beside the output)")
+    p.add_argument("--restart", action="store_true", help="discard an earlier unfinished run and start over")
+
+
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="held-out perplexity of a checkpoint",
+                       description="Perplexity of MODEL_DIR on local text in non-overlapping windows; "
+                                   "the last line printed is JSON.")
+    p.add_argument("model_dir")
+    p.add_argument("--dataset", nargs="+", required=True, help="local .txt or .jsonl evaluation text")
+    p.add_argument("--max-seq-length", type=int, default=2048)
+    p.add_argument("--num-samples", type=int, help="evaluate at most this many windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+
+
+RECIPE_OPTIONS = ("method", "sparsity", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
+                  "device", "seed", "width_multiple", "dtype")
+
+
+def run_compress(args):
+    from .engine import compress
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, {k: getattr(args, k) for k in RECIPE_OPTIONS})
+    log.info("compressing %s -> %s with %s", args.model_dir, args.out_dir, recipe.resolved())
+    return compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart)
+
+
+def run_eval(args):
+    from .engine import resolve_device
+    from .evaluate import evaluate
+
+    return evaluate(args.model_dir, args.dataset, args.max_seq_length, args.num_samples, args.batch_size,
+                    resolve_device(args.device))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="streamresize", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _compress_parser(sub)
+    _eval_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        result = run_compress(args) if args.command == "compress" else run_eval(args)
+    except StreamResizeError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; run the same command again to resume")
+        return 130
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
