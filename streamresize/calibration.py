@@ -40,8 +40,11 @@ def read_documents(paths):
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 
+    from .loading import register_auto_classes
+
+    register_auto_classes()
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds here
         raise StreamResizeError(f"{model_dir}: cannot load the tokenizer ({e})") from e
 

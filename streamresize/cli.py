@@ -16,8 +16,19 @@ def _compress_parser(sub):
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); options given here override it")
-    p.add_argument("--method", help="width method: pca (SliceGPT-style rotate-and-slice)")
+    p.add_argument("--method", help="width method: pca (SliceGPT-style rotate-and-slice), prune (keep the "
+                                    "support, drop the rest), dotresize (merge the rest back by optimal transport)")
     p.add_argument("--sparsity", type=float, help="fraction of the residual width removed (SliceGPT's meaning)")
+    p.add_argument("--mlp-sparsity", type=float, help="fraction of MLP intermediate neurons removed (default 0)")
+    p.add_argument("--mlp-method", choices=["auto", "prune", "dotresize"],
+                   help="how MLP neurons are removed (auto: dotresize merges, other methods prune)")
+    p.add_argument("--head", choices=["auto", "tied", "untied"],
+                   help="tied: keep a tied embedding tied, the head reads through a small k x k adapter; "
+                        "untied: a separate narrowed head (auto: untied for pca, tied otherwise)")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", default=[],
+                   help="method option, repeatable: support=norm|variance|mean_abs|pca, "
+                        "cost=sqeuclidean|correlation, normalize=true, epsilon=0.05, marginals=uniform|energy, "
+                        "solver=sinkhorn_log|sinkhorn_stabilized|emd, reader=pinv|lstsq, mlp_reader=ot|lstsq")
     p.add_argument("--dataset", nargs="+", help="calibration text: local .txt (documents split at blank lines) "
                                                 "or .jsonl (a 'text' field per line)")
     p.add_argument("--num-calibration-samples", type=int, help="calibration sequences (default 128)")
@@ -44,15 +55,28 @@ def _eval_parser(sub):
     p.add_argument("--device", default="auto")
 
 
-RECIPE_OPTIONS = ("method", "sparsity", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
+RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "mlp_method", "head", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
                   "device", "seed", "width_multiple", "dtype")
+
+
+def parse_options(pairs):
+    """KEY=VALUE strings to a dict, values parsed as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise StreamResizeError(f"--option {pair}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 def run_compress(args):
     from .engine import compress
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, {k: getattr(args, k) for k in RECIPE_OPTIONS})
+    recipe = load_recipe(args.recipe, {k: getattr(args, k) for k in RECIPE_OPTIONS}, parse_options(args.option))
     log.info("compressing %s -> %s with %s", args.model_dir, args.out_dir, recipe.resolved())
     return compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart)
 

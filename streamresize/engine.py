@@ -38,12 +38,17 @@ from .modeling.modeling_streamresize import (
     family_classes,
 )
 from .statistics import PointStatistics, relative_error
-from .transforms import fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
+from .methods.dotresize import DEFAULTS as DOTRESIZE_DEFAULTS
+from .methods.neurons import narrow_mlp
+from .methods.pca import principal_basis
+from .transforms import (fold_norm, least_squares_reader, rotate_embedding, rotate_reader, rotate_writer,
+                         shortcut)
 from .writer import ShardWriter, atomic_write_json
 
 RUN_LOG = "streamresize_run.json"  # timings and memory; the one output file that differs between runs
 
 log = logging.getLogger("streamresize")
+METHOD_OPTIONS = set(DOTRESIZE_DEFAULTS) | {"reader", "mlp_reader"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -104,7 +109,22 @@ class StreamingCompressor:
         self.out_dtype = self.reader.dtype if recipe.dtype == "auto" else DTYPES[recipe.dtype]
         width = target_width(self.hidden, recipe.sparsity, recipe.width_multiple)
         self.widths = [width] * (2 * self.num_layers + 1)
-        self.intermediate_sizes = [c["intermediate_size"]] * self.num_layers
+        ff = c["intermediate_size"]
+        self.intermediate_sizes = [target_width(ff, recipe.mlp_sparsity, recipe.width_multiple)] * self.num_layers
+        self.mlp_method = recipe.mlp_method if recipe.mlp_method != "auto" else (
+            "dotresize" if recipe.method == "dotresize" else "prune")
+        unknown = sorted(set(recipe.method_options) - METHOD_OPTIONS)
+        if unknown:
+            raise StreamResizeError(f"unknown method option(s) {', '.join(unknown)}; known: "
+                                    f"{', '.join(sorted(METHOD_OPTIONS))}")
+        self.reader_kind = recipe.method_options.get("reader", "pinv")
+        if self.reader_kind not in ("pinv", "lstsq"):
+            raise StreamResizeError(f"method option reader={self.reader_kind}: choose pinv or lstsq")
+        source_tied = bool(c.get("tie_word_embeddings", False)) or not self.reader.has(self.family.head)
+        head = recipe.head if recipe.head != "auto" else ("untied" if recipe.method == "pca" else "tied")
+        if head not in ("tied", "untied"):
+            raise StreamResizeError(f"--head {recipe.head}: choose auto, tied or untied")
+        self.tied_head = head == "tied" and source_tied
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -179,27 +199,39 @@ class StreamingCompressor:
     def _basis_path(self, step):
         return os.path.join(self.work_dir, f"basis-{step}.safetensors")
 
-    def _save_basis(self, step, basis):
+    def _save_basis(self, step, basis, reader):
         path = self._basis_path(step)
-        save_file({"basis": basis.cpu().contiguous()}, path + ".tmp")
+        tensors = {"basis": basis.cpu().contiguous()}
+        if reader is not basis:
+            tensors["reader"] = reader.cpu().contiguous()
+        save_file(tensors, path + ".tmp")
         os.replace(path + ".tmp", path)
 
     def _load_basis(self, step):
-        return load_file(self._basis_path(step))["basis"].to(self.device)
+        """(basis, reader map) of the point a step ended on."""
+        saved = load_file(self._basis_path(step))
+        basis = saved["basis"].to(self.device)
+        return basis, saved["reader"].to(self.device) if "reader" in saved else basis
+
+    def _new_stats(self):
+        return PointStatistics(self.hidden, self.device, normalized=self.reader_kind == "lstsq")
 
     def _solve_point(self, stats, point):
+        """Basis Q and reader map M of one point (M = Q unless readers are refitted), plus its log."""
         width = self.widths[point]
         stats.offload(os.path.join(self.work_dir, f"stats-{point}.f64"))
         stats.to(self.device)
         basis, info = self.solve(stats, width, self.recipe.method_options)
-        error = relative_error(stats.gram, basis)
+        reader = basis if self.reader_kind == "pinv" else least_squares_reader(stats.normalized_gram, basis)
+        info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
+                "pca_error": relative_error(stats.gram, principal_basis(stats.gram, width)), **info}
         stats.discard()
-        return basis, {"point": point, "width": width, "local_error": error, **info}
+        return basis, reader, info
 
-    def _finish_step(self, step, next_cache, shard_name, tensors, basis, entry):
+    def _finish_step(self, step, next_cache, shard_name, tensors, basis, reader, entry):
         """Write the shard, then the basis, then the manifest (the commit point), then tidy up."""
         sha = self.writer.write_shard(shard_name, tensors)
-        self._save_basis(step, basis)
+        self._save_basis(step, basis, reader)
         crash_point(step, "committing")
         self.manifest.record(step + 1, next_cache, {shard_name: sha}, {k: shard_name for k in tensors}, entry)
         if os.path.exists(self._basis_path(step - 1)):
@@ -213,19 +245,21 @@ class StreamingCompressor:
         progress.set_postfix_str("embedding: calibrating")
         embedding = self._weight(self.family.embedding)
         view = self.cache.view("hidden_a", self.hidden)
-        stats = PointStatistics(self.hidden, self.device)
+        stats = self._new_stats()
         for rows in self.cache.batches(self.recipe.batch_size):
             x = embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)]
             self.cache.write(view, rows, x)
             stats.add(x)
         view.flush()
         progress.set_postfix_str("embedding: solving")
-        basis, point = self._solve_point(stats, 0)
+        basis, reader, point = self._solve_point(stats, 0)
         progress.set_postfix_str("embedding: propagating")
         self.cache.project_in_place("hidden_a", basis, self.recipe.batch_size, self.device)
         entry = {"step": "embedding", "points": [point], "seconds": time.time() - start}
         tensors = {"model.embed_tokens.weight": rotate_embedding(embedding, basis)}
-        self._finish_step(-1, "hidden_a", "model-embed.safetensors", tensors, basis, entry)
+        if self.tied_head:  # the head adapter needs Q_0 at the very end
+            save_file({"basis": basis.cpu().contiguous()}, os.path.join(self.work_dir, "basis-embedding.safetensors"))
+        self._finish_step(-1, "hidden_a", "model-embed.safetensors", tensors, basis, reader, entry)
         log.info("embedding: width %d, local error %.4f, %.1fs", point["width"], point["local_error"],
                  entry["seconds"])
 
@@ -237,12 +271,12 @@ class StreamingCompressor:
         source = self.manifest.state["current_cache"]
         target = "hidden_b" if source == "hidden_a" else "hidden_a"
         k_in = self.widths[2 * i]
-        basis_in = self._load_basis(i - 1)
+        basis_in, reader_in = self._load_basis(i - 1)
         f = self.family
 
         progress.set_postfix_str(f"block {i}: loading")
         attn_norm, mlp_norm = self._block_weight(i, f.attn_norm), self._block_weight(i, f.mlp_norm)
-        readers = {r: rotate_reader(fold_norm(self._block_weight(i, r), attn_norm), basis_in) for r in f.attn_readers}
+        readers = {r: rotate_reader(fold_norm(self._block_weight(i, r), attn_norm), reader_in) for r in f.attn_readers}
         w_o, w_down = self._block_weight(i, f.attn_writer), self._block_weight(i, f.mlp_writer)
         layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, f.mlp_writer: w_down, **readers})
 
@@ -250,7 +284,7 @@ class StreamingCompressor:
         progress.set_postfix_str(f"block {i}: calibrating attention")
         view_in = self.cache.view(source, k_in)
         scratch = self.cache.view("scratch", self.hidden)
-        stats = PointStatistics(self.hidden, self.device)
+        stats = self._new_stats()
         basis_in_t = basis_in.float().T.contiguous()
         with torch.no_grad():
             for rows in self.cache.batches(self.recipe.batch_size):
@@ -263,17 +297,21 @@ class StreamingCompressor:
         scratch.flush()
         crash_point(i, "solving")
         progress.set_postfix_str(f"block {i}: solving attention point")
-        basis_attn, point_attn = self._solve_point(stats, 2 * i + 1)
+        basis_attn, reader_attn, point_attn = self._solve_point(stats, 2 * i + 1)
 
-        mlp_readers = {r: rotate_reader(fold_norm(self._block_weight(i, r), mlp_norm), basis_attn)
+        mlp_readers = {r: rotate_reader(fold_norm(self._block_weight(i, r), mlp_norm), reader_attn)
                        for r in f.mlp_readers}
         self._set_weights(layer, mlp_readers)
+        basis_attn_f = basis_attn.float()
+        mlp_point = None
+        if self.intermediate_sizes[i] < self.source_config["intermediate_size"]:
+            progress.set_postfix_str(f"block {i}: narrowing MLP neurons")
+            mlp_readers, w_down, mlp_point = self._narrow_mlp(i, layer, scratch, basis_attn_f, mlp_readers, w_down)
 
         # Pass B: MLP on the narrowed post-attention residual; output-point signals -> target.
         progress.set_postfix_str(f"block {i}: calibrating MLP")
         view_out = self.cache.view(target, self.hidden)
-        stats = PointStatistics(self.hidden, self.device)
-        basis_attn_f = basis_attn.float()
+        stats = self._new_stats()
         basis_attn_t = basis_attn_f.T.contiguous()
         with torch.no_grad():
             for rows in self.cache.batches(self.recipe.batch_size):
@@ -283,7 +321,7 @@ class StreamingCompressor:
                 stats.add(signal)
         view_out.flush()
         progress.set_postfix_str(f"block {i}: solving MLP point")
-        basis_out, point_mlp = self._solve_point(stats, 2 * i + 2)
+        basis_out, reader_out, point_mlp = self._solve_point(stats, 2 * i + 2)
         crash_point(i, "propagating")
         progress.set_postfix_str(f"block {i}: propagating")
         self.cache.project_in_place(target, basis_out, self.recipe.batch_size, self.device)
@@ -298,19 +336,41 @@ class StreamingCompressor:
             if matrix is not None:
                 tensors[prefix + name + ".weight"] = matrix
         rss, gpu = peak_memory_mb(self.device)
-        entry = {"step": f"block {i}", "block": i, "points": [point_attn, point_mlp],
+        entry = {"step": f"block {i}", "block": i, "points": [point_attn, point_mlp], "mlp": mlp_point,
                  "seconds": time.time() - start, "peak_rss_mb": rss, "peak_gpu_mb": gpu}
-        self._finish_step(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, entry)
-        log.info("block %d/%d: widths %d->%d->%d, local error attn %.4f mlp %.4f, %.1fs, peak RSS %.0f MB%s",
-                 i + 1, self.num_layers, k_in, point_attn["width"], point_mlp["width"], point_attn["local_error"],
-                 point_mlp["local_error"], entry["seconds"], rss, f", GPU {gpu:.0f} MB" if gpu else "")
+        self._finish_step(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, reader_out, entry)
+        log.info("block %d/%d: widths %d->%d->%d (MLP %d), local error attn %.4f mlp %.4f (pca %.4f %.4f), "
+                 "%.1fs, peak RSS %.0f MB%s", i + 1, self.num_layers, k_in, point_attn["width"], point_mlp["width"],
+                 self.intermediate_sizes[i], point_attn["local_error"], point_mlp["local_error"],
+                 point_attn["pca_error"], point_mlp["pca_error"], entry["seconds"], rss,
+                 f", GPU {gpu:.0f} MB" if gpu else "")
+
+    def _narrow_mlp(self, i, layer, scratch, basis_attn_f, mlp_readers, w_down):
+        """One pass for the intermediate activations on the narrowed prefix, then keep k of d_ff neurons."""
+        stats = PointStatistics(w_down.shape[1], self.device)
+        with torch.no_grad():
+            for rows in self.cache.batches(self.recipe.batch_size):
+                h = layer.post_attention_layernorm(self.cache.read(scratch, rows, self.device) @ basis_attn_f)
+                stats.add(layer.mlp.act_fn(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+        stats.offload(os.path.join(self.work_dir, f"stats-mlp-{i}.f64"))
+        stats.to(self.device)
+        mlp_readers, w_down, info = narrow_mlp(stats, self.intermediate_sizes[i], self.mlp_method,
+                                               self.recipe.method_options, mlp_readers, w_down)
+        stats.discard()
+        self._set_weights(layer, {**mlp_readers, self.family.mlp_writer: w_down})
+        return mlp_readers, w_down, info
 
     def _head_step(self):
+        """Untied: the head reads the last point, W diag(g) M_last. Tied: the head stays the narrowed
+        embedding E Q_0 and reads through a k_0 x k_last adapter Q_0ᵀ diag(g) M_last."""
         f = self.family
-        basis = self._load_basis(self.num_layers - 1)
+        _, reader_last = self._load_basis(self.num_layers - 1)
+        scale = self._weight(f.final_norm)
+        if self.tied_head:
+            basis_0 = load_file(os.path.join(self.work_dir, "basis-embedding.safetensors"))["basis"].to(self.device)
+            return {"head_adapter.weight": rotate_reader(fold_norm(basis_0.T, scale), reader_last)}
         head = self._weight(f.head if self.reader.has(f.head) else f.embedding)
-        weight = rotate_reader(fold_norm(head, self._weight(f.final_norm)), basis)
-        return {"lm_head.weight": weight}
+        return {"lm_head.weight": rotate_reader(fold_norm(head, scale), reader_last)}
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -347,8 +407,8 @@ class StreamingCompressor:
         config["shortcuts"] = [[f"model.layers.{i}.{n}.weight" in weight_map for n in ("attn_shortcut", "mlp_shortcut")]
                                for i in range(self.num_layers)]
         config.update(
-            architectures=["StreamResizeForCausalLM"], model_type=MODEL_TYPE, tie_word_embeddings=False,
-            head_adapter=False, dtype=str(self.out_dtype).replace("torch.", ""),
+            architectures=["StreamResizeForCausalLM"], model_type=MODEL_TYPE, tie_word_embeddings=self.tied_head,
+            head_adapter=self.tied_head, dtype=str(self.out_dtype).replace("torch.", ""),
             auto_map={"AutoConfig": "modeling_streamresize.StreamResizeConfig",
                       "AutoModelForCausalLM": "modeling_streamresize.StreamResizeForCausalLM"},
         )
@@ -357,7 +417,8 @@ class StreamingCompressor:
         # config.json holds only what the computation decided, so a resumed run writes it byte for byte
         # the same; timings and memory go to RUN_LOG.
         config["streamresize"] = {
-            "version": __version__, "method": self.recipe.method, "recipe": self.recipe.resolved(),
+            "version": __version__, "method": self.recipe.method, "mlp_method": self.mlp_method,
+            "mlp": [step["mlp"] for step in steps if step.get("mlp")], "recipe": self.recipe.resolved(),
             "calibration_ids_sha256": self.ids_sha256, "source_parameters": source_params,
             "points": [p for step in steps for p in step["points"]],
         }

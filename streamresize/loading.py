@@ -1,25 +1,30 @@
-"""Load a checkpoint for evaluation: streamresize outputs in-process, anything else via transformers."""
+"""Load checkpoints in-process: streamresize outputs use this package's own modeling code, registered
+with the transformers Auto classes, so neither loading nor the tokenizer asks for trust_remote_code."""
 
-import json
+import functools
 import os
 
 import torch
 
 from .errors import StreamResizeError
-from .modeling.modeling_streamresize import MODEL_TYPE, StreamResizeForCausalLM
+
+
+@functools.cache
+def register_auto_classes():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling.modeling_streamresize import MODEL_TYPE, StreamResizeConfig, StreamResizeForCausalLM
+
+    AutoConfig.register(MODEL_TYPE, StreamResizeConfig, exist_ok=True)
+    AutoModelForCausalLM.register(StreamResizeConfig, StreamResizeForCausalLM, exist_ok=True)
 
 
 def load_model(model_dir, device="cpu", dtype=None):
     from transformers import AutoModelForCausalLM
 
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise StreamResizeError(f"{config_path}: missing; not a model directory")
-    with open(config_path) as f:
-        model_type = json.load(f).get("model_type")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise StreamResizeError(f"{os.path.join(model_dir, 'config.json')}: missing; not a model directory")
+    register_auto_classes()
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    if model_type == MODEL_TYPE:
-        model = StreamResizeForCausalLM.from_pretrained(model_dir, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False, **kwargs)
     return model.to(torch.device(device)).eval()

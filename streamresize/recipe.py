@@ -14,6 +14,9 @@ from .errors import StreamResizeError
 class Recipe:
     method: str = "pca"
     sparsity: float = 0.25
+    mlp_sparsity: float = 0.0  # fraction of MLP intermediate neurons removed
+    mlp_method: str = "auto"  # auto: dotresize merges MLP neurons, the other methods prune them
+    head: str = "auto"  # tied | untied; auto: untied for pca (SliceGPT), tied for the others if the source ties
     dataset: list = field(default_factory=list)
     num_calibration_samples: int = 128
     max_seq_length: int = 2048
@@ -24,9 +27,6 @@ class Recipe:
     dtype: str = "auto"  # output dtype: auto = the input checkpoint's
     method_options: dict = field(default_factory=dict)
 
-    # Keys that change how the work runs, not what it computes. Everything else is in the resume signature.
-    NOT_SIGNED = ()
-
     def resolved(self):
         return dataclasses.asdict(self)
 
@@ -34,8 +34,9 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
 
 
-def load_recipe(path=None, overrides=None):
-    """Defaults, then the YAML file, then the overrides that are not None."""
+def load_recipe(path=None, overrides=None, method_options=None):
+    """Defaults, then the YAML file, then the overrides that are not None; `method_options`
+    are merged key by key over the recipe's own."""
     values = {}
     if path:
         try:
@@ -53,6 +54,8 @@ def load_recipe(path=None, overrides=None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise StreamResizeError(f"{path or 'recipe'}: unknown option(s) {', '.join(unknown)}")
+    if method_options:
+        values["method_options"] = {**(values.get("method_options") or {}), **method_options}
     if isinstance(values.get("dataset"), str):
         values["dataset"] = [values["dataset"]]
     return Recipe(**values)

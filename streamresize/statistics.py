@@ -7,13 +7,21 @@ import torch
 
 
 class PointStatistics:
-    """Gram matrix, column sums and mean |x| of the signals X (tokens x d) at one point."""
+    """Gram matrix, column sums and mean |x| of the signals X (tokens x d) at one point.
 
-    def __init__(self, width, device):
+    With `normalized=True` it also keeps the Gram matrix of the RMS-normalized rows, which is
+    what the readers behind a norm actually see (used by the least-squares reader refit).
+    """
+
+    TENSORS = ("gram", "sum", "abs_sum", "normalized_gram")
+
+    def __init__(self, width, device, normalized=False):
         self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(width, dtype=torch.float64, device=device)
+        self.normalized_gram = torch.zeros_like(self.gram) if normalized else None
         self.count = 0
+        self._files = []
 
     def add(self, x, mask=None):
         """Add a micro-batch (..., d); `mask` (...) excludes padding tokens."""
@@ -24,37 +32,43 @@ class PointStatistics:
         self.sum += x.sum(0)
         self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
+        if self.normalized_gram is not None:
+            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+            self.normalized_gram += n.T @ n
 
     @property
     def mean_abs(self):
         return self.abs_sum / max(self.count, 1)
 
     def offload(self, path):
-        """Move the statistics to a memory-mapped file, freeing the device."""
-        arrays = {"gram": self.gram, "sum": self.sum, "abs_sum": self.abs_sum}
-        width = self.gram.shape[0]
-        mm = np.memmap(path, dtype=np.float64, mode="w+", shape=(width + 2, width))
-        for row, key in ((slice(0, width), "gram"), (width, "sum"), (width + 1, "abs_sum")):
-            mm[row] = arrays[key].cpu().numpy()
-        mm.flush()
-        self.gram = torch.from_numpy(mm[:width])
-        self.sum = torch.from_numpy(mm[width])
-        self.abs_sum = torch.from_numpy(mm[width + 1])
-        self._file = path
+        """Move the statistics to memory-mapped files, freeing the device."""
+        for name in self.TENSORS:
+            tensor = getattr(self, name)
+            if tensor is None:
+                continue
+            file = f"{path}.{name}"
+            mm = np.memmap(file, dtype=np.float64, mode="w+", shape=tuple(tensor.shape))
+            mm[...] = tensor.cpu().numpy()
+            mm.flush()
+            setattr(self, name, torch.from_numpy(mm))
+            self._files.append(file)
 
     def to(self, device):
-        self.gram, self.sum, self.abs_sum = (t.to(device) for t in (self.gram, self.sum, self.abs_sum))
+        for name in self.TENSORS:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def discard(self):
-        path = getattr(self, "_file", None)
-        self.gram = self.sum = self.abs_sum = None
-        if path and os.path.exists(path):
-            os.remove(path)
+        for name in self.TENSORS:
+            setattr(self, name, None)
+        for file in self._files:
+            if os.path.exists(file):
+                os.remove(file)
 
 
 def relative_error(gram, basis):
-    """‖X − X Q Qᵀ‖² / ‖X‖² from the Gram matrix alone (Q has orthonormal columns)."""
+    """‖X − X Q Qᵀ‖ / ‖X‖ from the Gram matrix alone (Q has orthonormal columns)."""
     total = torch.trace(gram)
     kept = torch.trace(basis.T @ gram @ basis)
     return float(((total - kept) / total).clamp_min(0).sqrt()) if total > 0 else 0.0

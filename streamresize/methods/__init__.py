@@ -1,9 +1,9 @@
 """Width methods: each maps a point's statistics to an orthonormal basis of the kept width."""
 
 from ..errors import StreamResizeError
-from . import pca
+from . import dotresize, pca, prune
 
-METHODS = {"pca": pca.solve}
+METHODS = {"pca": pca.solve, "prune": prune.solve, "dotresize": dotresize.solve}
 
 
 def solver(name):
