@@ -20,8 +20,16 @@ def _compress_parser(sub):
                                     "support, drop the rest), dotresize (merge the rest back by optimal transport)")
     p.add_argument("--sparsity", type=float, help="fraction of the residual width removed (SliceGPT's meaning)")
     p.add_argument("--mlp-sparsity", type=float, help="fraction of MLP intermediate neurons removed (default 0)")
+    p.add_argument("--target-size", type=float,
+                   help="fraction of the source's total parameters to keep (tied tensors once); picks "
+                        "--sparsity and --mlp-sparsity, mixed by --mlp-ratio")
+    p.add_argument("--mlp-ratio", type=float, help="with --target-size: MLP sparsity / residual sparsity (default 1)")
     p.add_argument("--mlp-method", choices=["auto", "prune", "dotresize"],
                    help="how MLP neurons are removed (auto: dotresize merges, other methods prune)")
+    p.add_argument("--basis", choices=["per-point", "shared"],
+                   help="per-point: a basis fitted at every point on the compressed prefix, with skip-path "
+                        "matrices between points; shared: one basis for all points from a first pass over the "
+                        "dense model, no skip-path matrices (fewer parameters)")
     p.add_argument("--head", choices=["auto", "tied", "untied"],
                    help="tied: keep a tied embedding tied, the head reads through a small k x k adapter; "
                         "untied: a separate narrowed head (auto: untied for pca, tied otherwise)")
@@ -55,7 +63,7 @@ def _eval_parser(sub):
     p.add_argument("--device", default="auto")
 
 
-RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "mlp_method", "head", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
+RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "target_size", "mlp_ratio", "mlp_method", "basis", "head", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
                   "device", "seed", "width_multiple", "dtype")
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .architectures import check_supported, family_for
+from .budget import widths_for_target
 from .cache import ActivationCache
 from .calibration import calibration_ids
 from .checkpoint import INDEX_NAME, CheckpointReader
@@ -107,10 +108,6 @@ class StreamingCompressor:
         self.device = resolve_device(recipe.device)
         self.solve = solver(recipe.method)
         self.out_dtype = self.reader.dtype if recipe.dtype == "auto" else DTYPES[recipe.dtype]
-        width = target_width(self.hidden, recipe.sparsity, recipe.width_multiple)
-        self.widths = [width] * (2 * self.num_layers + 1)
-        ff = c["intermediate_size"]
-        self.intermediate_sizes = [target_width(ff, recipe.mlp_sparsity, recipe.width_multiple)] * self.num_layers
         self.mlp_method = recipe.mlp_method if recipe.mlp_method != "auto" else (
             "dotresize" if recipe.method == "dotresize" else "prune")
         unknown = sorted(set(recipe.method_options) - METHOD_OPTIONS)
@@ -125,6 +122,24 @@ class StreamingCompressor:
         if head not in ("tied", "untied"):
             raise StreamResizeError(f"--head {recipe.head}: choose auto, tied or untied")
         self.tied_head = head == "tied" and source_tied
+        if recipe.basis not in ("per-point", "shared"):
+            raise StreamResizeError(f"--basis {recipe.basis}: choose per-point or shared")
+        self.shared_basis = None
+        self._choose_widths()
+
+    def _choose_widths(self):
+        """Uniform widths from --sparsity / --mlp-sparsity, or from --target-size (the parameter budget)."""
+        r, c = self.recipe, self.source_config
+        if r.target_size is None:
+            width = target_width(self.hidden, r.sparsity, r.width_multiple)
+            intermediate = target_width(c["intermediate_size"], r.mlp_sparsity, r.width_multiple)
+        else:
+            width, intermediate = widths_for_target(c, r.target_size, self.reader.parameter_count(), r.mlp_ratio,
+                                                    r.width_multiple, r.basis == "per-point", self.tied_head)
+            log.info("target size %.3f: residual width %d of %d, MLP width %d of %d", r.target_size, width,
+                     self.hidden, intermediate, c["intermediate_size"])
+        self.widths = [width] * (2 * self.num_layers + 1)
+        self.intermediate_sizes = [intermediate] * self.num_layers
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -221,7 +236,10 @@ class StreamingCompressor:
         width = self.widths[point]
         stats.offload(os.path.join(self.work_dir, f"stats-{point}.f64"))
         stats.to(self.device)
-        basis, info = self.solve(stats, width, self.recipe.method_options)
+        if self.shared_basis is not None:
+            basis, info = self.shared_basis, {"shared_basis": True}
+        else:
+            basis, info = self.solve(stats, width, self.recipe.method_options)
         reader = basis if self.reader_kind == "pinv" else least_squares_reader(stats.normalized_gram, basis)
         info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
                 "pca_error": relative_error(stats.gram, principal_basis(stats.gram, width)), **info}
@@ -345,6 +363,61 @@ class StreamingCompressor:
                  point_attn["pca_error"], point_mlp["pca_error"], entry["seconds"], rss,
                  f", GPU {gpu:.0f} MB" if gpu else "")
 
+    def _fit_shared_basis(self, progress):
+        """One basis for every point (`--basis shared`): a pass over the dense model accumulates each
+        point's moments, weighted so every point counts equally, and the method solves once. With one
+        basis the skip paths are the identity, so the output carries no shortcut matrices."""
+        path = os.path.join(self.work_dir, "shared-basis.safetensors")
+        if os.path.exists(path):
+            return load_file(path)["basis"].to(self.device)
+        d, f = self.hidden, self.family
+        total = PointStatistics(d, self.device)
+
+        def merge(stats):
+            weight = stats.count / float(torch.trace(stats.gram)) if torch.trace(stats.gram) > 0 else 0.0
+            total.gram += stats.gram * weight
+            total.sum += stats.sum * weight ** 0.5
+            total.abs_sum += stats.abs_sum * weight ** 0.5
+            total.count += stats.count
+
+        progress.set_postfix_str("shared basis: embedding")
+        embedding = self._weight(f.embedding)
+        views = [self.cache.view("hidden_a", d), self.cache.view("hidden_b", d)]
+        stats = PointStatistics(d, self.device)
+        for rows in self.cache.batches(self.recipe.batch_size):
+            x = embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)]
+            self.cache.write(views[0], rows, x)
+            stats.add(x)
+        merge(stats)
+        del embedding
+        for i in range(self.num_layers):
+            progress.set_postfix_str(f"shared basis: block {i}")
+            attn_norm, mlp_norm = self._block_weight(i, f.attn_norm), self._block_weight(i, f.mlp_norm)
+            weights = {r: fold_norm(self._block_weight(i, r), attn_norm) for r in f.attn_readers}
+            weights.update({r: fold_norm(self._block_weight(i, r), mlp_norm) for r in f.mlp_readers})
+            weights.update({w: self._block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
+            layer = self._calibration_layer(i, d, weights)
+            source, target = views[i % 2], views[(i + 1) % 2]
+            attn_stats, mlp_stats = PointStatistics(d, self.device), PointStatistics(d, self.device)
+            with torch.no_grad():
+                for rows in self.cache.batches(self.recipe.batch_size):
+                    x = self.cache.read(source, rows, self.device)
+                    h = layer.attention_residual(x, **attention_inputs(self.block_config, self.rotary, x))
+                    attn_stats.add(h)
+                    y = layer.mlp_residual(h)
+                    mlp_stats.add(y)
+                    self.cache.write(target, rows, y)
+            target.flush()
+            merge(attn_stats)
+            merge(mlp_stats)
+        progress.set_postfix_str("shared basis: solving")
+        basis, _ = self.solve(total, self.widths[0], self.recipe.method_options)
+        save_file({"basis": basis.cpu().contiguous()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        log.info("shared basis: width %d, fitted on %d points of the dense model", self.widths[0],
+                 2 * self.num_layers + 1)
+        return basis
+
     def _narrow_mlp(self, i, layer, scratch, basis_attn_f, mlp_readers, w_down):
         """One pass for the intermediate activations on the narrowed prefix, then keep k of d_ff neurons."""
         stats = PointStatistics(w_down.shape[1], self.device)
@@ -383,6 +456,8 @@ class StreamingCompressor:
         progress = tqdm(total=self.num_layers + 1, initial=first + 1, desc="compressing", unit="step",
                         disable=not sys.stderr.isatty(), file=sys.stderr)
         with progress:
+            if self.recipe.basis == "shared" and first < self.num_layers:
+                self.shared_basis = self._fit_shared_basis(progress)
             if first == -1:
                 self._embedding_step(progress)
                 progress.update(1)

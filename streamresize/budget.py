@@ -1,0 +1,31 @@
+"""Parameter budget: the output's total parameter count from its widths, and the widths that meet
+a target fraction of the source's parameters (`--target-size`)."""
+
+from .errors import StreamResizeError
+
+
+def output_parameters(config, width, intermediate, shortcuts, tied_head):
+    """Total stored parameters of a narrowed Llama-family model with uniform widths."""
+    vocab, layers = config["vocab_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    attention = width * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * width * intermediate
+    skip = 2 * width * width if shortcuts else 0
+    head = width * width if tied_head else vocab * width
+    return vocab * width + head + layers * (attention + mlp + skip)
+
+
+def widths_for_target(config, target, source_parameters, mlp_ratio, multiple, shortcuts, tied_head):
+    """Largest residual width (a multiple of `multiple`) whose output fits `target` x the source's
+    parameters, with the MLP losing `mlp_ratio` times the residual's sparsity. Returns (width, intermediate)."""
+    if not 0 < target <= 1:
+        raise StreamResizeError(f"--target-size must be in (0, 1], got {target}")
+    d, ff = config["hidden_size"], config["intermediate_size"]
+    for width in range(d // multiple * multiple, 0, -multiple):
+        sparsity = 1 - width / d
+        mlp_sparsity = min(0.95, mlp_ratio * sparsity)
+        intermediate = max(multiple, int((1 - mlp_sparsity) * ff) // multiple * multiple)
+        if output_parameters(config, width, intermediate, shortcuts, tied_head) <= target * source_parameters:
+            return width, intermediate
+    raise StreamResizeError(f"--target-size {target}: no width fits the budget")
