@@ -36,7 +36,7 @@ def _compress_parser(sub):
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", default=[],
                    help="method option, repeatable: support=norm|variance|mean_abs|pca, "
                         "cost=sqeuclidean|correlation, normalize=true, epsilon=0.05, marginals=uniform|energy, "
-                        "solver=sinkhorn_log|sinkhorn_stabilized|emd, reader=pinv|lstsq, mlp_reader=ot|lstsq")
+                        "solver=auto|sinkhorn|sinkhorn_log|sinkhorn_stabilized|emd, reader=pinv|lstsq, mlp_reader=ot|lstsq")
     p.add_argument("--dataset", nargs="+", help="calibration text: local .txt (documents split at blank lines) "
                                                 "or .jsonl (a 'text' field per line)")
     p.add_argument("--num-calibration-samples", type=int, help="calibration sequences (default 128)")

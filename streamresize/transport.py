@@ -70,30 +70,39 @@ def marginals(gram, support, kind="uniform"):
     raise StreamResizeError(f"unknown marginals '{kind}'; choose from {', '.join(MARGINALS)}")
 
 
-def solve_plan(a, b, cost, epsilon=0.05, solver="sinkhorn_log", max_iter=2000, tol=1e-9):
+def solve_plan(a, b, cost, epsilon=0.05, solver="auto", max_iter=2000, tol=1e-9):
     """Transport plan P (d x k) with marginals a, b; ε is relative to the median cost.
 
-    Returns P and a dict with the OT cost, the plan's entropy, iterations and marginal error.
+    solver "auto" uses plain Sinkhorn (matrix-vector products, fast) where ε is large enough for
+    exp(−C/ε) to stay representable in float64, and the log-domain variant otherwise or if plain
+    Sinkhorn breaks down. Returns P and a dict with the OT cost, the plan's entropy, iterations
+    and marginal error.
     """
     scale = cost.median().clamp_min(1e-30)
     normalized = cost / scale
+    if solver == "auto":
+        solver = "sinkhorn" if epsilon >= 0.02 and float(normalized.max()) / epsilon < 600 else "sinkhorn_log"
     if solver == "emd":
         plan = ot.emd(a, b, normalized, numItermax=max(100000, 50 * max_iter))
         iterations = None
-    elif solver in ("sinkhorn_log", "sinkhorn_stabilized"):
+    elif solver in ("sinkhorn", "sinkhorn_log", "sinkhorn_stabilized"):
         with warnings.catch_warnings():  # non-convergence is reported as marginal_error in the log instead
             warnings.simplefilter("ignore")
             plan, log = ot.sinkhorn(a, b, normalized, epsilon, method=solver, numItermax=max_iter,
                                     stopThr=tol, log=True)
         iterations = int(log.get("niter", max_iter))
     else:
-        raise StreamResizeError(f"unknown OT solver '{solver}'; choose sinkhorn_log, sinkhorn_stabilized or emd")
+        raise StreamResizeError(f"unknown OT solver '{solver}'; choose auto, sinkhorn, sinkhorn_log, "
+                                "sinkhorn_stabilized or emd")
+        if solver == "sinkhorn" and not torch.isfinite(plan).all():
+            return solve_plan(a, b, cost, epsilon, "sinkhorn_log", max_iter, tol)
     plan = torch.nan_to_num(plan)
     positive = plan[plan > 0]
     info = {
         "ot_cost": float((plan * cost).sum()),
         "plan_entropy": float(-(positive * positive.log()).sum()),
         "iterations": iterations,
+        "solver": solver,
         "marginal_error": float(max((plan.sum(1) - a).abs().max(), (plan.sum(0) - b).abs().max())),
     }
     return plan, info

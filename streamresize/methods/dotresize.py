@@ -6,7 +6,7 @@ from ..transport import cost_matrix, marginals, orthonormal_factor, solve_plan, 
 from .support import support_frame
 
 DEFAULTS = {"support": "norm", "cost": "sqeuclidean", "normalize": False, "epsilon": 0.05,
-            "marginals": "uniform", "solver": "sinkhorn_log", "max_iter": 2000, "tol": 1e-9}
+            "marginals": "uniform", "solver": "auto", "max_iter": 2000, "tol": 1e-9}
 
 
 def options_with_defaults(options):

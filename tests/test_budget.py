@@ -1,0 +1,56 @@
+"""Shared basis (no skip matrices) and --target-size (widths from a parameter budget)."""
+
+import glob
+import os
+
+import pytest
+import torch
+from helpers import CALIB, dense_logits, logits_without_streamresize, read_config
+from safetensors.torch import load_file
+
+import streamresize
+from streamresize.budget import output_parameters, widths_for_target
+from streamresize.checkpoint import CheckpointReader, parameter_count
+
+
+def _compress(model, out, texts, **options):
+    return streamresize.compress(model, str(out), dataset=[texts["calib"]], **{**CALIB, **options})
+
+
+def _names(out):
+    names = set()
+    for shard in glob.glob(os.path.join(out, "*.safetensors")):
+        names.update(load_file(shard))
+    return names
+
+
+@pytest.mark.parametrize("method", ["pca", "dotresize"])
+def test_shared_basis_has_no_shortcuts_and_reproduces_at_full_width(tiny_model_tied, texts, tmp_path, method):
+    out = tmp_path / "out"
+    _compress(tiny_model_tied, out, texts, method=method, sparsity=0.0, basis="shared",
+              method_options={"epsilon": 1e-3} if method == "dotresize" else {})
+    assert not any("shortcut" in n for n in _names(out))
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert (logits_without_streamresize(out, ids, tmp_path) - dense_logits(tiny_model_tied, ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("basis,method", [("shared", "dotresize"), ("per-point", "pca"), ("shared", "prune")])
+def test_target_size_meets_the_budget_tightly(tiny_model_tied, texts, tmp_path, basis, method):
+    out = tmp_path / "out"
+    summary = _compress(tiny_model_tied, out, texts, method=method, target_size=0.75, basis=basis)
+    source = parameter_count(tiny_model_tied)
+    assert summary["parameters"] <= 0.75 * source
+    config = read_config(out)
+    width, ff = config["residual_widths"][0], config["intermediate_sizes"][0]
+    shortcuts = any("shortcut" in n for n in _names(out))
+    assert output_parameters(config, width, ff, shortcuts, config["head_adapter"]) == summary["parameters"]
+    # One step wider would not fit.
+    wider_ff = max(8, int((1 - (1 - (width + 8) / 64)) * 96) // 8 * 8)
+    assert output_parameters(config, width + 8, wider_ff, shortcuts, config["head_adapter"]) > 0.75 * source
+
+
+def test_target_size_matches_budget_function(tiny_model):
+    config = CheckpointReader(tiny_model).config
+    width, ff = widths_for_target(config, 0.6, parameter_count(tiny_model), mlp_ratio=0.0, multiple=8,
+                                  shortcuts=False, tied_head=False)
+    assert ff == 96 and width % 8 == 0 and width < 64
