@@ -42,8 +42,7 @@ from .statistics import PointStatistics, relative_error
 from .methods.dotresize import DEFAULTS as DOTRESIZE_DEFAULTS
 from .methods.neurons import narrow_mlp
 from .methods.pca import principal_basis
-from .transforms import (fold_norm, least_squares_reader, rotate_embedding, rotate_reader, rotate_writer,
-                         shortcut)
+from .transforms import fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
 from .writer import ShardWriter, atomic_write_json
 
 RUN_LOG = "streamresize_run.json"  # timings and memory; the one output file that differs between runs
@@ -229,10 +228,11 @@ class StreamingCompressor:
         return basis, saved["reader"].to(self.device) if "reader" in saved else basis
 
     def _new_stats(self):
-        return PointStatistics(self.hidden, self.device, normalized=self.reader_kind == "lstsq")
+        return PointStatistics(self.hidden, self.device)
 
-    def _solve_point(self, stats, point):
-        """Basis Q and reader map M of one point (M = Q unless readers are refitted), plus its log."""
+    def _solve_point(self, stats, point, signals):
+        """Basis Q and reader map M of one point (M = Q unless readers are refitted), plus its log.
+        `signals` names the cache file that holds the point's full-width signals."""
         width = self.widths[point]
         stats.offload(os.path.join(self.work_dir, f"stats-{point}.f64"))
         stats.to(self.device)
@@ -240,11 +240,30 @@ class StreamingCompressor:
             basis, info = self.shared_basis, {"shared_basis": True}
         else:
             basis, info = self.solve(stats, width, self.recipe.method_options)
-        reader = basis if self.reader_kind == "pinv" else least_squares_reader(stats.normalized_gram, basis)
+        reader = basis if self.reader_kind == "pinv" else self._refit_reader(signals, basis)
         info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
                 "pca_error": relative_error(stats.gram, principal_basis(stats.gram, width)), **info}
         stats.discard()
         return basis, reader, info
+
+    def _refit_reader(self, signals, basis):
+        """Readers refitted by least squares on the inputs they will actually see:
+        min ‖n(X) Wᵀ − n(X Q) W'ᵀ‖ with n the RMSNorm over the original width (so the narrowed
+        input's smaller norm is accounted for). Returns M (d x k) with W' = W M; for PCA, M ≈ Q."""
+        view = self.cache.view(signals, self.hidden)
+        width, eps = basis.shape[1], self.source_config.get("rms_norm_eps", 1e-6)
+        inner = torch.zeros(width, width, dtype=torch.float64, device=self.device)
+        cross = torch.zeros(width, self.hidden, dtype=torch.float64, device=self.device)
+        for rows in self.cache.batches(self.recipe.batch_size):
+            x = self.cache.read(view, rows, self.device).reshape(-1, self.hidden).double()
+            z = x @ basis
+            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            nz = z * torch.rsqrt(z.pow(2).sum(-1, keepdim=True) / self.hidden + eps)
+            inner += nz.T @ nz
+            cross += nz.T @ n
+        inner += 1e-8 * inner.diagonal().mean().clamp_min(1e-30) * torch.eye(width, dtype=inner.dtype,
+                                                                             device=inner.device)
+        return torch.linalg.solve(inner, cross).T.contiguous()
 
     def _finish_step(self, step, next_cache, shard_name, tensors, basis, reader, entry):
         """Write the shard, then the basis, then the manifest (the commit point), then tidy up."""
@@ -270,7 +289,7 @@ class StreamingCompressor:
             stats.add(x)
         view.flush()
         progress.set_postfix_str("embedding: solving")
-        basis, reader, point = self._solve_point(stats, 0)
+        basis, reader, point = self._solve_point(stats, 0, "hidden_a")
         progress.set_postfix_str("embedding: propagating")
         self.cache.project_in_place("hidden_a", basis, self.recipe.batch_size, self.device)
         entry = {"step": "embedding", "points": [point], "seconds": time.time() - start}
@@ -315,7 +334,7 @@ class StreamingCompressor:
         scratch.flush()
         crash_point(i, "solving")
         progress.set_postfix_str(f"block {i}: solving attention point")
-        basis_attn, reader_attn, point_attn = self._solve_point(stats, 2 * i + 1)
+        basis_attn, reader_attn, point_attn = self._solve_point(stats, 2 * i + 1, "scratch")
 
         mlp_readers = {r: rotate_reader(fold_norm(self._block_weight(i, r), mlp_norm), reader_attn)
                        for r in f.mlp_readers}
@@ -339,7 +358,7 @@ class StreamingCompressor:
                 stats.add(signal)
         view_out.flush()
         progress.set_postfix_str(f"block {i}: solving MLP point")
-        basis_out, reader_out, point_mlp = self._solve_point(stats, 2 * i + 2)
+        basis_out, reader_out, point_mlp = self._solve_point(stats, 2 * i + 2, target)
         crash_point(i, "propagating")
         progress.set_postfix_str(f"block {i}: propagating")
         self.cache.project_in_place(target, basis_out, self.recipe.batch_size, self.device)

@@ -7,19 +7,14 @@ import torch
 
 
 class PointStatistics:
-    """Gram matrix, column sums and mean |x| of the signals X (tokens x d) at one point.
+    """Gram matrix, column sums and mean |x| of the signals X (tokens x d) at one point."""
 
-    With `normalized=True` it also keeps the Gram matrix of the RMS-normalized rows, which is
-    what the readers behind a norm actually see (used by the least-squares reader refit).
-    """
+    TENSORS = ("gram", "sum", "abs_sum")
 
-    TENSORS = ("gram", "sum", "abs_sum", "normalized_gram")
-
-    def __init__(self, width, device, normalized=False):
+    def __init__(self, width, device):
         self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(width, dtype=torch.float64, device=device)
-        self.normalized_gram = torch.zeros_like(self.gram) if normalized else None
         self.count = 0
         self._files = []
 
@@ -32,9 +27,6 @@ class PointStatistics:
         self.sum += x.sum(0)
         self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
-        if self.normalized_gram is not None:
-            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
-            self.normalized_gram += n.T @ n
 
     @property
     def mean_abs(self):

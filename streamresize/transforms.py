@@ -37,12 +37,3 @@ def shortcut(previous_basis, next_basis):
         return None
     return (previous_basis.T @ next_basis).T.contiguous()
 
-
-def least_squares_reader(gram, basis, damping=1e-8):
-    """Reader map M (d x k) with X M⁺-free refit: min over W' of ‖X Wᵀ − (X Q) W'ᵀ‖ gives W' = W M,
-    M = G Q (Qᵀ G Q)⁻¹. For a PCA basis M = Q; for pruned or merged bases it recovers the part of
-    the dropped signal that the kept coordinates predict."""
-    inner = basis.T @ gram @ basis
-    inner = inner + damping * inner.diagonal().mean().clamp_min(1e-30) * torch.eye(
-        inner.shape[0], dtype=inner.dtype, device=inner.device)
-    return torch.linalg.solve(inner, (gram @ basis).T).T

@@ -18,7 +18,7 @@ from streamresize.transport import (cost_matrix, marginals, orthonormal_factor, 
 
 
 def _stats(x):
-    s = PointStatistics(x.shape[1], "cpu", normalized=True)
+    s = PointStatistics(x.shape[1], "cpu")
     s.add(x)
     return s
 
@@ -200,3 +200,12 @@ def test_unknown_method_option_is_refused(tiny_model, texts, tmp_path):
     r = cli(*compress_args(tiny_model, tmp_path / "out", texts["calib"], method="dotresize", option="epsilom=1"),
             check=False)
     assert r.returncode == 2 and "epsilom" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["prune", "dotresize"])
+def test_least_squares_readers_reproduce_at_full_width(tiny_model_tied, texts, tmp_path, method):
+    out = tmp_path / "out"
+    _compress(tiny_model_tied, out, texts, method=method, sparsity=0.0,
+              method_options={"reader": "lstsq", "epsilon": 1e-3})
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
+    assert (streamresize.load(str(out))(ids).logits - dense_logits(tiny_model_tied, ids)).abs().max() < 1e-4
