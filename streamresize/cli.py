@@ -23,7 +23,9 @@ def _compress_parser(sub):
     p.add_argument("--target-size", type=float,
                    help="fraction of the source's total parameters to keep (tied tensors once); picks "
                         "--sparsity and --mlp-sparsity, mixed by --mlp-ratio")
-    p.add_argument("--mlp-ratio", type=float, help="with --target-size: MLP sparsity / residual sparsity (default 1)")
+    p.add_argument("--mlp-ratio", type=lambda v: v if v == "fill" else float(v),
+                   help="with --target-size: MLP sparsity / residual sparsity (default 1), or 'fill': the "
+                        "residual keeps --sparsity and the MLP width meets the budget")
     p.add_argument("--mlp-method", choices=["auto", "prune", "dotresize"],
                    help="how MLP neurons are removed (auto: dotresize merges, other methods prune)")
     p.add_argument("--basis", choices=["per-point", "shared"],

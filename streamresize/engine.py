@@ -48,7 +48,7 @@ from .writer import ShardWriter, atomic_write_json
 RUN_LOG = "streamresize_run.json"  # timings and memory; the one output file that differs between runs
 
 log = logging.getLogger("streamresize")
-METHOD_OPTIONS = set(DOTRESIZE_DEFAULTS) | {"reader", "mlp_reader"}
+METHOD_OPTIONS = set(DOTRESIZE_DEFAULTS) | {"reader", "mlp_reader", "rotate_full_width"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -133,8 +133,10 @@ class StreamingCompressor:
             width = target_width(self.hidden, r.sparsity, r.width_multiple)
             intermediate = target_width(c["intermediate_size"], r.mlp_sparsity, r.width_multiple)
         else:
-            width, intermediate = widths_for_target(c, r.target_size, self.reader.parameter_count(), r.mlp_ratio,
-                                                    r.width_multiple, r.basis == "per-point", self.tied_head)
+            width, intermediate = widths_for_target(
+                c, r.target_size, self.reader.parameter_count(), r.mlp_ratio, r.width_multiple,
+                r.basis == "per-point" and r.sparsity > 0, self.tied_head,
+                residual_width=target_width(self.hidden, r.sparsity, r.width_multiple))
             log.info("target size %.3f: residual width %d of %d, MLP width %d of %d", r.target_size, width,
                      self.hidden, intermediate, c["intermediate_size"])
         self.widths = [width] * (2 * self.num_layers + 1)
@@ -238,6 +240,9 @@ class StreamingCompressor:
         stats.to(self.device)
         if self.shared_basis is not None:
             basis, info = self.shared_basis, {"shared_basis": True}
+        elif width == self.hidden and not self.recipe.method_options.get("rotate_full_width", False):
+            # Nothing to remove: keep the neuron basis, so no skip-path matrices are needed.
+            basis, info = torch.eye(width, dtype=torch.float64, device=self.device), {"identity": True}
         else:
             basis, info = self.solve(stats, width, self.recipe.method_options)
         reader = basis if self.reader_kind == "pinv" else self._refit_reader(signals, basis)

@@ -16,7 +16,8 @@ class Recipe:
     sparsity: float = 0.25
     mlp_sparsity: float = 0.0  # fraction of MLP intermediate neurons removed
     target_size: float | None = None  # fraction of the source's total parameters; sets both sparsities
-    mlp_ratio: float = 1.0  # with target_size: MLP sparsity = mlp_ratio x residual sparsity
+    mlp_ratio: float | str = 1.0  # with target_size: MLP sparsity = mlp_ratio x residual sparsity; "fill":
+    # the residual keeps --sparsity and the MLP width meets the budget
     mlp_method: str = "auto"  # auto: dotresize merges MLP neurons, the other methods prune them
     basis: str = "per-point"  # per-point (SliceGPT: shortcut matrices between points) | shared (one basis, none)
     head: str = "auto"  # tied | untied; auto: untied for pca (SliceGPT), tied for the others if the source ties

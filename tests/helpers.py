@@ -26,7 +26,8 @@ def compress_args(model, out, dataset, **options):
     opts = {**CALIB, **options}
     args = ["compress", model, out, "--dataset", dataset]
     for k, v in opts.items():
-        args += [f"--{k.replace('_', '-')}", v]
+        for value in v if isinstance(v, list) else [v]:
+            args += [f"--{k.replace('_', '-')}", value]
     return args
 
 

@@ -32,9 +32,12 @@ def _weights(out):
     return weights
 
 
-def test_sparsity_zero_reproduces_dense_logits_through_stock_transformers(tiny_model, texts, tmp_path):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_sparsity_zero_reproduces_dense_logits_through_stock_transformers(tiny_model, texts, tmp_path, rotate):
+    """rotate: full-width PCA rotations and skip matrices at every point instead of the identity."""
     out = tmp_path / "out"
-    _compress(tiny_model, out, texts, sparsity=0.0)
+    _compress(tiny_model, out, texts, sparsity=0.0, method_options={"rotate_full_width": rotate})
+    assert any("shortcut" in name for name in _weights(out)) == rotate
     ids = _ids()
     ours = logits_without_streamresize(out, ids, tmp_path)
     dense = dense_logits(tiny_model, ids)
@@ -44,7 +47,7 @@ def test_sparsity_zero_reproduces_dense_logits_through_stock_transformers(tiny_m
 
 def test_bf16_input_stays_bf16_and_tracks_dense(tiny_model_bf16, texts, tmp_path):
     out = tmp_path / "out"
-    _compress(tiny_model_bf16, out, texts, sparsity=0.0)
+    _compress(tiny_model_bf16, out, texts, sparsity=0.0, method_options={"rotate_full_width": True})
     assert all(t.dtype == torch.bfloat16 for t in _weights(out).values())
     assert read_config(out)["dtype"] == "bfloat16"
     ids = _ids()
@@ -156,6 +159,6 @@ def test_mistral_family_round_trip(tokenizer, texts, tmp_path):
 
     model = make_tiny_llama(str(tmp_path / "mistral"), tokenizer, architecture="mistral", layers=2, seed=5)
     out = tmp_path / "out"
-    _compress(model, out, texts, sparsity=0.0)
+    _compress(model, out, texts, sparsity=0.0, method_options={"rotate_full_width": True})
     ids = _ids()
     assert (logits_without_streamresize(out, ids, tmp_path) - dense_logits(model, ids)).abs().max() < 1e-4
