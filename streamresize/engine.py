@@ -38,10 +38,9 @@ from .modeling.modeling_streamresize import (
     attention_inputs,
     family_classes,
 )
-from .statistics import PointStatistics, relative_error
+from .statistics import PointStatistics, pca_error, relative_error
 from .methods.dotresize import DEFAULTS as DOTRESIZE_DEFAULTS
 from .methods.neurons import narrow_mlp
-from .methods.pca import principal_basis
 from .transforms import fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
 from .writer import ShardWriter, atomic_write_json
 
@@ -247,7 +246,7 @@ class StreamingCompressor:
             basis, info = self.solve(stats, width, self.recipe.method_options)
         reader = basis if self.reader_kind == "pinv" else self._refit_reader(signals, basis)
         info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
-                "pca_error": relative_error(stats.gram, principal_basis(stats.gram, width)), **info}
+                "pca_error": pca_error(stats.gram, width), **info}
         stats.discard()
         return basis, reader, info
 

@@ -64,3 +64,11 @@ def relative_error(gram, basis):
     total = torch.trace(gram)
     kept = torch.trace(basis.T @ gram @ basis)
     return float(((total - kept) / total).clamp_min(0).sqrt()) if total > 0 else 0.0
+
+
+def pca_error(gram, width):
+    """The smallest possible relative_error at this width (Eckart–Young), from eigenvalues alone."""
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    total = eigenvalues.sum()
+    kept = eigenvalues[-width:].sum()
+    return float(((total - kept) / total).clamp_min(0).sqrt()) if total > 0 else 0.0

@@ -210,3 +210,15 @@ def test_least_squares_readers_reproduce_at_full_width(tiny_model_tied, texts, t
               method_options={"reader": "lstsq", "epsilon": 1e-3, "rotate_full_width": True})
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
     assert (streamresize.load(str(out))(ids).logits - dense_logits(tiny_model_tied, ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pca_error_is_the_lower_bound_every_method_is_logged_against(seed):
+    from streamresize.methods.pca import principal_basis
+    from streamresize.statistics import pca_error
+
+    stats = _stats(_correlated(seed))
+    bound = pca_error(stats.gram, 12)
+    assert bound == pytest.approx(relative_error(stats.gram, principal_basis(stats.gram, 12)))
+    for solve in (prune.solve, dotresize.solve):
+        assert relative_error(stats.gram, solve(stats, 12, {})[0]) >= bound - 1e-12
