@@ -30,7 +30,7 @@ from .calibration import calibration_ids
 from .checkpoint import INDEX_NAME, CheckpointReader
 from .errors import StreamResizeError
 from .manifest import Manifest
-from .methods import solver, target_width
+from .methods import method_defaults, solver, target_width
 from .modeling.modeling_streamresize import (
     MODEL_TYPE,
     StreamResizeConfig,
@@ -112,7 +112,8 @@ class StreamingCompressor:
         if unknown:
             raise StreamResizeError(f"unknown method option(s) {', '.join(unknown)}; known: "
                                     f"{', '.join(sorted(METHOD_OPTIONS))}")
-        self.reader_kind = recipe.method_options.get("reader", "pinv")
+        self.options = {**method_defaults(recipe.method), **recipe.method_options}
+        self.reader_kind = self.options.get("reader", "pinv")
         if self.reader_kind not in ("pinv", "lstsq"):
             raise StreamResizeError(f"method option reader={self.reader_kind}: choose pinv or lstsq")
         source_tied = bool(c.get("tie_word_embeddings", False)) or not self.reader.has(self.family.head)
@@ -239,11 +240,11 @@ class StreamingCompressor:
         stats.to(self.device)
         if self.shared_basis is not None:
             basis, info = self.shared_basis, {"shared_basis": True}
-        elif width == self.hidden and not self.recipe.method_options.get("rotate_full_width", False):
+        elif width == self.hidden and not self.options.get("rotate_full_width", False):
             # Nothing to remove: keep the neuron basis, so no skip-path matrices are needed.
             basis, info = torch.eye(width, dtype=torch.float64, device=self.device), {"identity": True}
         else:
-            basis, info = self.solve(stats, width, self.recipe.method_options)
+            basis, info = self.solve(stats, width, self.options)
         reader = basis if self.reader_kind == "pinv" else self._refit_reader(signals, basis)
         info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
                 "pca_error": pca_error(stats.gram, width), **info}
@@ -434,7 +435,7 @@ class StreamingCompressor:
             merge(attn_stats)
             merge(mlp_stats)
         progress.set_postfix_str("shared basis: solving")
-        basis, _ = self.solve(total, self.widths[0], self.recipe.method_options)
+        basis, _ = self.solve(total, self.widths[0], self.options)
         save_file({"basis": basis.cpu().contiguous()}, path + ".tmp")
         os.replace(path + ".tmp", path)
         log.info("shared basis: width %d, fitted on %d points of the dense model", self.widths[0],
@@ -451,7 +452,7 @@ class StreamingCompressor:
         stats.offload(os.path.join(self.work_dir, f"stats-mlp-{i}.f64"))
         stats.to(self.device)
         mlp_readers, w_down, info = narrow_mlp(stats, self.intermediate_sizes[i], self.mlp_method,
-                                               self.recipe.method_options, mlp_readers, w_down)
+                                               self.options, mlp_readers, w_down)
         stats.discard()
         self._set_weights(layer, {**mlp_readers, self.family.mlp_writer: w_down})
         return mlp_readers, w_down, info
@@ -516,6 +517,7 @@ class StreamingCompressor:
         # the same; timings and memory go to RUN_LOG.
         config["streamresize"] = {
             "version": __version__, "method": self.recipe.method, "mlp_method": self.mlp_method,
+            "method_options": self.options,
             "mlp": [step["mlp"] for step in steps if step.get("mlp")], "recipe": self.recipe.resolved(),
             "calibration_ids_sha256": self.ids_sha256, "source_parameters": source_params,
             "points": [p for step in steps for p in step["points"]],

@@ -6,6 +6,15 @@ from . import dotresize, pca, prune
 METHODS = {"pca": pca.solve, "prune": prune.solve, "dotresize": dotresize.solve}
 
 
+def method_defaults(name):
+    """Each method's default options (the settings chosen by measurement, see BENCHMARKS.md)."""
+    if name == "dotresize":
+        return dict(dotresize.DEFAULTS)
+    if name == "prune":
+        return {"support": dotresize.DEFAULTS["support"], "reader": "pinv"}
+    return {"reader": "pinv"}
+
+
 def solver(name):
     if name not in METHODS:
         raise StreamResizeError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}")

@@ -6,7 +6,8 @@ from ..transport import cost_matrix, marginals, orthonormal_factor, solve_plan, 
 from .support import support_frame
 
 DEFAULTS = {"support": "norm", "cost": "sqeuclidean", "normalize": False, "epsilon": 0.05,
-            "marginals": "uniform", "solver": "auto", "max_iter": 2000, "tol": 1e-9}
+            "marginals": "uniform", "solver": "auto", "max_iter": 2000, "tol": 1e-9,
+            "reader": "pinv", "mlp_reader": "ot"}
 
 
 def options_with_defaults(options):
