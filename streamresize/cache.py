@@ -50,8 +50,3 @@ class ActivationCache:
             x = self.read(wide, rows, device)
             self.write(narrow, rows, (x.double() @ basis.double()).float())
         narrow.flush()
-
-    @staticmethod
-    def flush(*views):
-        for v in views:
-            v.flush()

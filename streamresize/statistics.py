@@ -28,10 +28,6 @@ class PointStatistics:
         self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
 
-    @property
-    def mean_abs(self):
-        return self.abs_sum / max(self.count, 1)
-
     def offload(self, path):
         """Move the statistics to memory-mapped files, freeing the device."""
         for name in self.TENSORS:
