@@ -279,6 +279,16 @@ class StreamingCompressor:
         if os.path.exists(self._basis_path(step - 1)):
             os.remove(self._basis_path(step - 1))
 
+    def _embed_calibration(self, embedding, view):
+        """Embedding output of every calibration sequence into `view`; returns point 0's statistics."""
+        stats = self._new_stats()
+        for rows in self.cache.batches(self.recipe.batch_size):
+            x = embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)]
+            self.cache.write(view, rows, x)
+            stats.add(x)
+        view.flush()
+        return stats
+
     # ---- steps ----------------------------------------------------------------------------------
 
     def _embedding_step(self, progress):
@@ -286,13 +296,7 @@ class StreamingCompressor:
         start = time.time()
         progress.set_postfix_str("embedding: calibrating")
         embedding = self._weight(self.family.embedding)
-        view = self.cache.view("hidden_a", self.hidden)
-        stats = self._new_stats()
-        for rows in self.cache.batches(self.recipe.batch_size):
-            x = embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)]
-            self.cache.write(view, rows, x)
-            stats.add(x)
-        view.flush()
+        stats = self._embed_calibration(embedding, self.cache.view("hidden_a", self.hidden))
         progress.set_postfix_str("embedding: solving")
         basis, reader, point = self._solve_point(stats, 0, "hidden_a")
         progress.set_postfix_str("embedding: propagating")
@@ -405,15 +409,8 @@ class StreamingCompressor:
             total.count += stats.count
 
         progress.set_postfix_str("shared basis: embedding")
-        embedding = self._weight(f.embedding)
         views = [self.cache.view("hidden_a", d), self.cache.view("hidden_b", d)]
-        stats = PointStatistics(d, self.device)
-        for rows in self.cache.batches(self.recipe.batch_size):
-            x = embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)]
-            self.cache.write(views[0], rows, x)
-            stats.add(x)
-        merge(stats)
-        del embedding
+        merge(self._embed_calibration(self._weight(f.embedding), views[0]))
         for i in range(self.num_layers):
             progress.set_postfix_str(f"shared basis: block {i}")
             attn_norm, mlp_norm = self._block_weight(i, f.attn_norm), self._block_weight(i, f.mlp_norm)
