@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from .errors import StreamResizeError
 
+INTEGER_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -54,7 +55,7 @@ class CheckpointReader:
             info = self.headers[shard].get(name)
             if info is None:
                 raise StreamResizeError(f"{os.path.join(self.model_dir, shard)}: index lists '{name}' but the shard lacks it")
-            if info["dtype"] not in SUPPORTED_DTYPES:
+            if info["dtype"] not in SUPPORTED_DTYPES and info["dtype"] not in INTEGER_DTYPES:
                 raise StreamResizeError(
                     f"{os.path.join(self.model_dir, shard)}: tensor '{name}' has dtype {info['dtype']}; "
                     f"supported: {', '.join(SUPPORTED_DTYPES)}")
@@ -112,9 +113,12 @@ class CheckpointReader:
         return h.hexdigest()
 
     def parameter_count(self):
-        """Total parameters as stored (a tied tensor is stored, and so counted, once)."""
+        """Total parameters as stored (a tied tensor is stored, and so counted, once). Integer tensors
+        (DISP index sets) are indices, not parameters, and are not counted."""
         total = 0
         for name, shard in self.weight_map.items():
+            if self.headers[shard][name]["dtype"] in INTEGER_DTYPES:
+                continue
             n = 1
             for s in self.headers[shard][name]["shape"]:
                 n *= s

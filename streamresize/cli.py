@@ -17,8 +17,14 @@ def _compress_parser(sub):
     p.add_argument("out_dir")
     p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); options given here override it")
     p.add_argument("--method", help="width method: pca (SliceGPT-style rotate-and-slice), prune (keep the "
-                                    "support, drop the rest), dotresize (merge the rest back by optimal transport)")
-    p.add_argument("--sparsity", type=float, help="fraction of the residual width removed (SliceGPT's meaning)")
+                                    "support, drop the rest), dotresize (merge the rest back by optimal transport), "
+                                    "disp (DISP-LLM: every block reads and writes its own subset of channels)")
+    p.add_argument("--sparsity", type=float, help="fraction of the residual width removed (SliceGPT's meaning); "
+                                                  "for disp: fraction of the block-linear parameters removed "
+                                                  "(the DISP-LLM paper's pruning ratio)")
+    p.add_argument("--allocation", choices=["uniform", "global"],
+                   help="disp: uniform (every block keeps the same fraction, default) or global (error-versus-"
+                        "width curves from a pass over the dense model share one budget across blocks)")
     p.add_argument("--mlp-sparsity", type=float, help="fraction of MLP intermediate neurons removed (default 0)")
     p.add_argument("--target-size", type=float,
                    help="fraction of the source's total parameters to keep (tied tensors once); picks "
@@ -38,7 +44,8 @@ def _compress_parser(sub):
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", default=[],
                    help="method option, repeatable: support=norm|variance|mean_abs|pca, "
                         "cost=sqeuclidean|correlation, normalize=true, epsilon=0.05, marginals=uniform|energy, "
-                        "solver=auto|sinkhorn|sinkhorn_log|sinkhorn_stabilized|emd, reader=pinv|lstsq, mlp_reader=ot|lstsq")
+                        "solver=auto|sinkhorn|sinkhorn_log|sinkhorn_stabilized|emd, reader=pinv|lstsq, mlp_reader=ot|lstsq; "
+                        "disp: refit=true (least-squares refit of kept weights), curve_samples=32, curve_points=8")
     p.add_argument("--dataset", nargs="+", help="calibration text: local .txt (documents split at blank lines) "
                                                 "or .jsonl (a 'text' field per line)")
     p.add_argument("--num-calibration-samples", type=int, help="calibration sequences (default 128)")
@@ -65,7 +72,8 @@ def _eval_parser(sub):
     p.add_argument("--device", default="auto")
 
 
-RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "target_size", "mlp_ratio", "mlp_method", "basis", "head", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
+RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "target_size", "mlp_ratio", "mlp_method", "basis",
+                  "allocation", "head", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
                   "device", "seed", "width_multiple", "dtype")
 
 

@@ -47,7 +47,6 @@ from .writer import ShardWriter, atomic_write_json
 RUN_LOG = "streamresize_run.json"  # timings and memory; the one output file that differs between runs
 
 log = logging.getLogger("streamresize")
-METHOD_OPTIONS = set(DOTRESIZE_DEFAULTS) | {"reader", "mlp_reader", "rotate_full_width"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,6 +78,10 @@ def _inside(path, parent):
 
 
 class StreamingCompressor:
+    """Rotate-and-slice methods (pca, prune, dotresize): a basis at every point of the residual stream."""
+
+    known_options = set(DOTRESIZE_DEFAULTS) | {"reader", "mlp_reader", "rotate_full_width"}
+
     def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False):
         self.model_dir = os.path.abspath(model_dir)
         self.out_dir = os.path.abspath(out_dir)
@@ -108,10 +111,10 @@ class StreamingCompressor:
         self.out_dtype = self.reader.dtype if recipe.dtype == "auto" else DTYPES[recipe.dtype]
         self.mlp_method = recipe.mlp_method if recipe.mlp_method != "auto" else (
             "dotresize" if recipe.method == "dotresize" else "prune")
-        unknown = sorted(set(recipe.method_options) - METHOD_OPTIONS)
+        unknown = sorted(set(recipe.method_options) - self.known_options)
         if unknown:
-            raise StreamResizeError(f"unknown method option(s) {', '.join(unknown)}; known: "
-                                    f"{', '.join(sorted(METHOD_OPTIONS))}")
+            raise StreamResizeError(f"unknown method option(s) {', '.join(unknown)} for {recipe.method}; known: "
+                                    f"{', '.join(sorted(self.known_options))}")
         self.options = {**method_defaults(recipe.method), **recipe.method_options}
         self.reader_kind = self.options.get("reader", "pinv")
         if self.reader_kind not in ("pinv", "lstsq"):
@@ -273,7 +276,8 @@ class StreamingCompressor:
     def _finish_step(self, step, next_cache, shard_name, tensors, basis, reader, entry):
         """Write the shard, then the basis, then the manifest (the commit point), then tidy up."""
         sha = self.writer.write_shard(shard_name, tensors)
-        self._save_basis(step, basis, reader)
+        if basis is not None:
+            self._save_basis(step, basis, reader)
         crash_point(step, "committing")
         self.manifest.record(step + 1, next_cache, {shard_name: sha}, {k: shard_name for k in tensors}, entry)
         if os.path.exists(self._basis_path(step - 1)):
@@ -391,6 +395,10 @@ class StreamingCompressor:
                  point_attn["pca_error"], point_mlp["pca_error"], entry["seconds"], rss,
                  f", GPU {gpu:.0f} MB" if gpu else "")
 
+    def _before_blocks(self, progress, first):
+        if self.recipe.basis == "shared" and first < self.num_layers:
+            self.shared_basis = self._fit_shared_basis(progress)
+
     def _fit_shared_basis(self, progress):
         """One basis for every point (`--basis shared`): a pass over the dense model accumulates each
         point's moments, weighted so every point counts equally, and the method solves once. With one
@@ -477,8 +485,7 @@ class StreamingCompressor:
         progress = tqdm(total=self.num_layers + 1, initial=first + 1, desc="compressing", unit="step",
                         disable=not sys.stderr.isatty(), file=sys.stderr)
         with progress:
-            if self.recipe.basis == "shared" and first < self.num_layers:
-                self.shared_basis = self._fit_shared_basis(progress)
+            self._before_blocks(progress, first)
             if first == -1:
                 self._embedding_step(progress)
                 progress.update(1)
@@ -496,9 +503,7 @@ class StreamingCompressor:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return summary
 
-    def _finish(self, weight_map, shards, seconds):
-        from .checkpoint import parameter_count  # reads only headers
-        total_bytes = sum(os.path.getsize(os.path.join(self.out_dir, s)) for s in shards)
+    def _output_config(self, weight_map):
         config = self._model_config_fields()
         config["shortcuts"] = [[f"model.layers.{i}.{n}.weight" in weight_map for n in ("attn_shortcut", "mlp_shortcut")]
                                for i in range(self.num_layers)]
@@ -508,6 +513,12 @@ class StreamingCompressor:
             auto_map={"AutoConfig": "modeling_streamresize.StreamResizeConfig",
                       "AutoModelForCausalLM": "modeling_streamresize.StreamResizeForCausalLM"},
         )
+        return config
+
+    def _finish(self, weight_map, shards, seconds):
+        from .checkpoint import parameter_count  # reads only headers
+        total_bytes = sum(os.path.getsize(os.path.join(self.out_dir, s)) for s in shards)
+        config = self._output_config(weight_map)
         steps = self.manifest.state["log"]
         source_params = self.reader.parameter_count()
         # config.json holds only what the computation decided, so a resumed run writes it byte for byte
@@ -518,6 +529,7 @@ class StreamingCompressor:
             "mlp": [step["mlp"] for step in steps if step.get("mlp")], "recipe": self.recipe.resolved(),
             "calibration_ids_sha256": self.ids_sha256, "source_parameters": source_params,
             "points": [p for step in steps for p in step["points"]],
+            **self._extra_record(steps),
         }
         rss, gpu = peak_memory_mb(self.device)
         run_log = {"seconds": seconds, "peak_rss_mb": rss, "peak_gpu_mb": gpu, "device": str(self.device),
@@ -532,5 +544,14 @@ class StreamingCompressor:
         return summary
 
 
+    def _extra_record(self, steps):
+        """Method-specific entries for config.json's "streamresize" record."""
+        return {}
+
+
 def compress(model_dir, out_dir, recipe, work_dir=None, restart=False):
+    if recipe.method == "disp":
+        from .disp_engine import DispCompressor
+
+        return DispCompressor(model_dir, out_dir, recipe, work_dir, restart).run()
     return StreamingCompressor(model_dir, out_dir, recipe, work_dir, restart).run()

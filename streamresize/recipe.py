@@ -20,6 +20,7 @@ class Recipe:
     # the residual keeps --sparsity and the MLP width meets the budget
     mlp_method: str = "auto"  # auto: dotresize merges MLP neurons, the other methods prune them
     basis: str = "per-point"  # per-point (SliceGPT: shortcut matrices between points) | shared (one basis, none)
+    allocation: str = "uniform"  # disp: uniform (every block the same fraction) | global (one budget)
     head: str = "auto"  # tied | untied; auto: untied for pca (SliceGPT), tied for the others if the source ties
     dataset: list = field(default_factory=list)
     num_calibration_samples: int = 128

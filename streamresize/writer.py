@@ -53,10 +53,12 @@ class ShardWriter:
         os.makedirs(out_dir, exist_ok=True)
 
     def write_shard(self, name, tensors):
-        """Save tensors (cast to the output dtype) atomically; returns the shard's sha256."""
+        """Save tensors atomically, floating ones cast to the output dtype (index sets stay integers);
+        returns the shard's sha256."""
         path = os.path.join(self.out_dir, name)
         tmp = f"{path}.tmp"
-        save_file({k: v.to(self.dtype).contiguous().cpu() for k, v in tensors.items()}, tmp,
+        save_file({k: (v.to(self.dtype) if v.is_floating_point() else v).contiguous().cpu()
+                   for k, v in tensors.items()}, tmp,
                   metadata={"format": "pt"})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -1,15 +1,19 @@
 """Width methods: each maps a point's statistics to an orthonormal basis of the kept width."""
 
 from ..errors import StreamResizeError
-from . import dotresize, pca, prune
+from . import disp, dotresize, pca, prune
 
-METHODS = {"pca": pca.solve, "prune": prune.solve, "dotresize": dotresize.solve}
+# disp keeps the residual width and selects channels per block: it has its own block step
+# (disp_engine.py) and no per-point solver.
+METHODS = {"pca": pca.solve, "prune": prune.solve, "dotresize": dotresize.solve, "disp": None}
 
 
 def method_defaults(name):
     """Each method's default options (the settings chosen by measurement, see BENCHMARKS.md)."""
     if name == "dotresize":
         return dict(dotresize.DEFAULTS)
+    if name == "disp":
+        return dict(disp.DEFAULTS)
     if name == "prune":
         return {"support": dotresize.DEFAULTS["support"], "reader": "pinv"}
     return {"reader": "pinv"}

@@ -12,6 +12,12 @@ width. Where two consecutive points use different bases, a small shortcut
 matrix maps the skip path between them. Norm scales are folded into the
 linears that read them, so every norm here is weightless and keeps dividing by
 the original width, which makes the folding exact.
+
+A DISP-LLM output (``config.disp_widths`` set) keeps the full residual width
+instead: each block reads its own subset of residual channels and adds its
+output back into its own subset. The index sets are integer tensors stored in
+the shards next to the weights; norms keep their weights, so with every index
+set full a block computes exactly what the dense block computes.
 """
 
 import importlib
@@ -25,11 +31,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 MODEL_TYPE = "streamresize"
 
-# Architecture family -> (module, attention class, MLP class, rotary class).
+# Architecture family -> (module, attention class, MLP class, rotary class, RMSNorm class).
 FAMILY_MODULES = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaAttention", "LlamaMLP", "LlamaRotaryEmbedding"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralMLP", "MistralRotaryEmbedding"),
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaAttention", "LlamaMLP", "LlamaRotaryEmbedding",
+              "LlamaRMSNorm"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralMLP",
+                "MistralRotaryEmbedding", "MistralRMSNorm"),
 }
+DISP_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")  # the paper's I1 .. I5
 
 
 def family_classes(family):
@@ -51,6 +60,7 @@ class StreamResizeConfig(LlamaConfig):
     intermediate_sizes: list | None = None
     shortcuts: list | None = None
     head_adapter: bool = False
+    disp_widths: list | None = None  # per block, sizes of the index sets I1..I5 (DISP_GROUPS)
     sliding_window: int | None = None
     streamresize: dict | None = None
 
@@ -107,7 +117,7 @@ class StreamResizeDecoderLayer(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        attention_cls, mlp_cls, _ = family_classes(config.base_model_type)
+        attention_cls, mlp_cls, *_ = family_classes(config.base_model_type)
         k_in, k_attn, k_mlp = (config.width(2 * layer_idx + p) for p in range(3))
         d_ff = config.intermediate(layer_idx)
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -145,11 +155,51 @@ class StreamResizeDecoderLayer(nn.Module):
         return self.mlp_residual(self.attention_residual(hidden_states, **attention_kwargs))
 
 
+class DispDecoderLayer(nn.Module):
+    """A DISP-LLM block: full-width residual in and out; attention reads channels I1 and writes
+    channels I2, the MLP reads I3, keeps neurons I4 and writes I5 (``index_add``)."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        attention_cls, mlp_cls, _, norm_cls = family_classes(config.base_model_type)
+        n_attn_in, n_attn_out, n_mlp_in, n_hidden, n_mlp_out = config.disp_widths[layer_idx]
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.attention_bias
+
+        self.self_attn = attention_cls(config, layer_idx)
+        self.self_attn.q_proj = _linear(n_attn_in, heads * head_dim, bias)
+        self.self_attn.k_proj = _linear(n_attn_in, kv_heads * head_dim, bias)
+        self.self_attn.v_proj = _linear(n_attn_in, kv_heads * head_dim, bias)
+        self.self_attn.o_proj = _linear(heads * head_dim, n_attn_out, bias)
+        self.mlp = mlp_cls(config)
+        self.mlp.gate_proj = _linear(n_mlp_in, n_hidden, config.mlp_bias)
+        self.mlp.up_proj = _linear(n_mlp_in, n_hidden, config.mlp_bias)
+        self.mlp.down_proj = _linear(n_hidden, n_mlp_out, config.mlp_bias)
+        self.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        for name, size in (("attn_in", n_attn_in), ("attn_out", n_attn_out), ("mlp_in", n_mlp_in),
+                           ("mlp_out", n_mlp_out)):
+            self.register_buffer(f"{name}_index", torch.arange(size, dtype=torch.long))
+
+    def attention_residual(self, hidden_states, **attention_kwargs):
+        inputs = self.input_layernorm(hidden_states).index_select(-1, self.attn_in_index)
+        update, _ = self.self_attn(inputs, **attention_kwargs)
+        return hidden_states.index_add(-1, self.attn_out_index, update.to(hidden_states.dtype))
+
+    def mlp_residual(self, hidden_states):
+        inputs = self.post_attention_layernorm(hidden_states).index_select(-1, self.mlp_in_index)
+        update = self.mlp(inputs)
+        return hidden_states.index_add(-1, self.mlp_out_index, update.to(hidden_states.dtype))
+
+    def forward(self, hidden_states, **attention_kwargs):
+        return self.mlp_residual(self.attention_residual(hidden_states, **attention_kwargs))
+
+
 class StreamResizePreTrainedModel(PreTrainedModel):
     config_class = StreamResizeConfig
     config: StreamResizeConfig
     base_model_prefix = "model"
-    _no_split_modules = ["StreamResizeDecoderLayer"]
+    _no_split_modules = ["StreamResizeDecoderLayer", "DispDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -159,10 +209,14 @@ class StreamResizePreTrainedModel(PreTrainedModel):
 class StreamResizeModel(StreamResizePreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
-        _, _, rotary_cls = family_classes(config.base_model_type)
+        _, _, rotary_cls, norm_cls = family_classes(config.base_model_type)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.width(0))
-        self.layers = nn.ModuleList(StreamResizeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
+        layer_cls = DispDecoderLayer if config.disp_widths else StreamResizeDecoderLayer
+        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+        if config.disp_widths:  # the final norm is untouched and keeps its weight
+            self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            self.norm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = rotary_cls(config=config)
         self.post_init()
 

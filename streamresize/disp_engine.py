@@ -1,0 +1,344 @@
+"""DISP-LLM in the streaming engine.
+
+A pruned block keeps the dense block's interface (full-width residual in and out), so blocks are
+pruned one at a time, in order, on hidden states from the already-pruned prefix. Per block:
+
+    attention inputs I1 (scores on the normed input) -> attention outputs I2 (energy of the update)
+    -> MLP inputs I3 -> MLP neurons I4 -> MLP outputs I5 -> write the block's outputs
+
+each choice made on the block as pruned so far. `--allocation global` first runs the dense model on a
+few calibration sequences and records, per block, the output error at several widths; one budget is
+then shared across blocks (methods/disp.py). Embedding, final norm and head are copied unchanged.
+"""
+
+import json
+import logging
+import os
+import time
+
+import torch
+
+from .engine import StreamingCompressor, crash_point, peak_memory_mb
+from .errors import StreamResizeError
+from .methods import disp
+from .methods.disp import BlockShape
+from .modeling.modeling_streamresize import DispDecoderLayer, StreamResizeConfig, attention_inputs
+from .writer import atomic_write_json
+
+log = logging.getLogger("streamresize")
+INDEX_NAMES = ("attn_in_index", "attn_out_index", "mlp_in_index", "mlp_out_index")
+
+
+class DispCompressor(StreamingCompressor):
+    known_options = set(disp.DEFAULTS)
+
+    def _choose_widths(self):
+        r, c = self.recipe, self.source_config
+        disp.check_allocation(r.allocation)
+        self.shape = BlockShape(self.hidden, c["intermediate_size"], c["num_attention_heads"] * c["head_dim"],
+                                c["num_key_value_heads"] * c["head_dim"])
+        shapes = [self.shape] * self.num_layers
+        self.budget = disp.block_budget(shapes, r.sparsity, r.target_size, self.reader.parameter_count())
+        # The residual stream keeps its width; the base class's per-point widths stay full.
+        self.widths = [self.hidden] * (2 * self.num_layers + 1)
+        self.intermediate_sizes = [c["intermediate_size"]] * self.num_layers
+        self.curves = None
+        self.disp_widths = None
+        if r.allocation == "uniform":
+            self.disp_widths = disp.uniform_widths(shapes, self.budget, r.width_multiple)
+
+    # ---- the pruned block -------------------------------------------------------------------
+
+    def _disp_layer(self, i, weights):
+        """Block i at full index sets, with the dense weights; pruning narrows it in place."""
+        fields = self._model_config_fields(dense_writers=True)
+        fields["disp_widths"] = [list(self.shape.full)] * self.num_layers
+        config = StreamResizeConfig(**fields)
+        config._attn_implementation = self.block_config._attn_implementation
+        with torch.device("meta"):
+            layer = DispDecoderLayer(config, i)
+        layer.to_empty(device=self.device)
+        for name in INDEX_NAMES:
+            setattr(layer, name, torch.arange(getattr(layer, name).numel(), device=self.device))
+        self._set_weights(layer, weights)
+        return layer.requires_grad_(False).eval()
+
+    def _dense_weights(self, i):
+        f = self.family
+        roles = (f.attn_norm, f.mlp_norm, *f.attn_readers, f.attn_writer, *f.mlp_readers, f.mlp_writer)
+        return {role: self._block_weight(i, role) for role in roles}
+
+    def _read(self, view, rows):
+        return self.cache.read(view, rows, self.device)
+
+    def _moments(self, batches, inputs, width, gram):
+        """E[z²] per channel and, for the refit, E[z zᵀ], of z = inputs(rows) over the batches."""
+        square = torch.zeros(width, dtype=torch.float64, device=self.device)
+        second = torch.zeros(width, width, dtype=torch.float64, device=self.device) if gram else None
+        count = 0
+        for rows in batches:
+            z, weight = inputs(rows)
+            z = z.reshape(-1, width).double()
+            weight = weight.reshape(-1, 1).double()
+            square += (z.pow(2) * weight).sum(0)
+            if gram:
+                second += (z * weight).T @ z
+            count += z.shape[0]
+        return square / count, (second / count if gram else None)
+
+    def _energy(self, batches, update):
+        """Σ_t w_t u_tj² per output channel of a sub-block's update u, each token weighted by the
+        inverse mean square of the residual it is added to (what the next norm divides by)."""
+        energy = torch.zeros(self.hidden, dtype=torch.float64, device=self.device)
+        for rows in batches:
+            u, residual = update(rows)
+            weight = 1.0 / (residual.double().pow(2).mean(-1, keepdim=True) + 1e-12)
+            energy += (u.double().pow(2) * weight).reshape(-1, self.hidden).sum(0)
+        return energy
+
+    def _prune_block(self, i, weights, widths, source, batches, emit, progress=None, label=""):
+        """Choose block i's index sets at `widths` on the hidden states in `source` (the pruned
+        prefix's outputs), narrowing the layer group by group; emit(rows, y) gets the pruned block's
+        outputs. Returns (tensors to store, info)."""
+        f, d = self.family, self.hidden
+        refit = bool(self.options["refit"])
+        n_attn_in, n_attn_out, n_mlp_in, n_hidden, n_mlp_out = widths
+        layer = self._disp_layer(i, weights)
+        attn, mlp = layer.self_attn, layer.mlp
+        scratch = self.cache.view("scratch", d)
+        kwargs = {}
+
+        def status(text):
+            if progress is not None:
+                progress.set_postfix_str(f"block {i}{label}: {text}")
+
+        def attention_kwargs(x):
+            if x.shape[:2] not in kwargs:
+                kwargs[x.shape[:2]] = attention_inputs(self.block_config, self.rotary, x)
+            return kwargs[x.shape[:2]]
+
+        def ones(x):
+            return torch.ones(x.shape[:-1], device=x.device)
+
+        def normed_input(rows):
+            x = self._read(source, rows)
+            return layer.input_layernorm(x), ones(x)
+
+        def attention_update(rows):
+            x = self._read(source, rows)
+            u, _ = attn(layer.input_layernorm(x).index_select(-1, layer.attn_in_index), **attention_kwargs(x))
+            return u, x + u
+
+        with torch.no_grad():
+            status("attention inputs")
+            square, gram = self._moments(batches, normed_input, d, refit)
+            scores = disp.input_scores(square, [weights[r] for r in f.attn_readers])
+            attn_in = disp.top_indices(scores, n_attn_in)
+            for r in f.attn_readers:
+                w = weights[r]
+                self._set_weights(layer, {r: disp.refit_columns(w, gram, attn_in) if refit else w[:, attn_in]})
+            layer.attn_in_index = attn_in
+            kept_in = float(scores[attn_in].sum() / scores.sum().clamp_min(1e-30))
+
+            status("attention outputs")
+            energy = self._energy(batches, attention_update)
+            attn_out = disp.top_indices(energy, n_attn_out)
+            self._set_weights(layer, {f.attn_writer: weights[f.attn_writer][attn_out]})
+            layer.attn_out_index = attn_out
+            kept_attn_out = float(energy[attn_out].sum() / energy.sum().clamp_min(1e-30))
+
+            status("MLP inputs")
+
+            def attention_residual(rows):  # writes the post-attention residual h to the scratch file
+                x = self._read(source, rows)
+                h = layer.attention_residual(x, **attention_kwargs(x))
+                self.cache.write(scratch, rows, h)
+                return layer.post_attention_layernorm(h), ones(h)
+
+            square, gram = self._moments(batches, attention_residual, d, refit)
+            scratch.flush()
+            scores = disp.input_scores(square, [weights[r] for r in f.mlp_readers])
+            mlp_in = disp.top_indices(scores, n_mlp_in)
+            for r in f.mlp_readers:
+                w = weights[r]
+                self._set_weights(layer, {r: disp.refit_columns(w, gram, mlp_in) if refit else w[:, mlp_in]})
+            layer.mlp_in_index = mlp_in
+            kept_mlp_in = float(scores[mlp_in].sum() / scores.sum().clamp_min(1e-30))
+
+            status("MLP neurons")
+
+            def neurons(rows):
+                h = self._read(scratch, rows)
+                z = layer.post_attention_layernorm(h).index_select(-1, mlp_in)
+                a = mlp.act_fn(mlp.gate_proj(z)) * mlp.up_proj(z)
+                return a, 1.0 / (h.double().pow(2).mean(-1) + 1e-12)
+
+            square, gram = self._moments(batches, neurons, self.shape.intermediate, refit)
+            w_down = weights[f.mlp_writer]
+            scores = square * w_down.double().pow(2).sum(0)
+            hidden = disp.top_indices(scores, n_hidden)
+            self._set_weights(layer, {r: layer.get_submodule(r).weight[hidden] for r in f.mlp_readers})
+            self._set_weights(layer, {f.mlp_writer: disp.refit_columns(w_down, gram, hidden) if refit
+                                      else w_down[:, hidden]})
+            kept_hidden = float(scores[hidden].sum() / scores.sum().clamp_min(1e-30))
+
+            status("MLP outputs")
+
+            def mlp_update(rows):
+                h = self._read(scratch, rows)
+                m = mlp(layer.post_attention_layernorm(h).index_select(-1, mlp_in))
+                return m, h + m
+
+            energy = self._energy(batches, mlp_update)
+            mlp_out = disp.top_indices(energy, n_mlp_out)
+            self._set_weights(layer, {f.mlp_writer: layer.get_submodule(f.mlp_writer).weight[mlp_out]})
+            layer.mlp_out_index = mlp_out
+            kept_mlp_out = float(energy[mlp_out].sum() / energy.sum().clamp_min(1e-30))
+
+            status("writing outputs")
+            for rows in batches:
+                emit(rows, layer.mlp_residual(self._read(scratch, rows)))
+
+        prefix = f"model.layers.{i}."
+        tensors = {prefix + name: p.detach() for name, p in layer.named_parameters()}
+        tensors.update({prefix + name: getattr(layer, name).to(torch.int64) for name in INDEX_NAMES})
+        info = {"block": i, "widths": list(widths), "parameters": self.shape.parameters(widths),
+                "kept_score": {"attn_in": kept_in, "attn_out": kept_attn_out, "mlp_in": kept_mlp_in,
+                               "mlp_hidden": kept_hidden, "mlp_out": kept_mlp_out}}
+        return tensors, info
+
+    # ---- global allocation: error-versus-width curves on the dense model -----------------------
+
+    def _curve_rows(self):
+        n = min(self.ids.shape[0], int(self.options["curve_samples"]))
+        return [(a, min(b, n)) for a, b in self.cache.batches(self.recipe.batch_size) if a < n]
+
+    def _measure_curves(self, progress):
+        """Per block, the per-token relative output error ‖y_ρ - y‖²/‖y‖² of the block pruned to
+        each keep fraction ρ, on dense inputs from the first `curve_samples` sequences."""
+        d, f = self.hidden, self.family
+        batches = self._curve_rows()
+        views = [self.cache.view("hidden_a", d), self.cache.view("hidden_b", d)]
+        embedding = self._weight(f.embedding)
+        for rows in batches:
+            self.cache.write(views[0], rows, embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)])
+        views[0].flush()
+        del embedding
+        levels = disp.curve_levels(int(self.options["curve_points"]))
+        curves = []
+        for i in range(self.num_layers):
+            source, dense_out = views[i % 2], views[(i + 1) % 2]
+            weights = self._dense_weights(i)
+            progress.set_postfix_str(f"error curves: block {i}")
+            dense = self._disp_layer(i, weights)
+            with torch.no_grad():
+                for rows in batches:
+                    x = self._read(source, rows)
+                    self.cache.write(dense_out, rows, dense(x, **attention_inputs(self.block_config, self.rotary, x)))
+            dense_out.flush()
+            curve = {}
+            for keep in levels:
+                error = torch.zeros((), dtype=torch.float64)
+
+                def compare(rows, y, error=error):
+                    ref = self._read(dense_out, rows).double()
+                    error += ((y.double() - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-30)).sum().cpu()
+
+                self._prune_block(i, weights, disp.widths_at(self.shape, keep, self.recipe.width_multiple),
+                                  source, batches, compare)
+                tokens = sum(b - a for a, b in batches) * self.ids.shape[1]
+                curve[keep] = float(error) / tokens
+            curves.append(curve)
+            log.info("error curve block %d: %s", i, ", ".join(f"{k:.2f}:{v:.4f}" for k, v in curve.items()))
+        return curves
+
+    def _before_blocks(self, progress, first):
+        if self.recipe.allocation != "global":
+            return
+        path = os.path.join(self.work_dir, "disp-curves.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                self.curves = [{float(k): v for k, v in c.items()} for c in json.load(f)]
+        elif first > -1:
+            raise StreamResizeError(f"{self.work_dir}: the error curves of this run are missing; rerun with --restart")
+        else:
+            start = time.time()
+            self.curves = self._measure_curves(progress)
+            atomic_write_json(path, [{str(k): v for k, v in c.items()} for c in self.curves])
+            log.info("error curves of %d blocks in %.1fs", self.num_layers, time.time() - start)
+        self.disp_widths = disp.global_widths([self.shape] * self.num_layers, self.curves, self.budget,
+                                              self.recipe.width_multiple)
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def _embedding_step(self, progress):
+        start = time.time()
+        crash_point(-1, "start")
+        progress.set_postfix_str("embedding")
+        embedding = self._weight(self.family.embedding)
+        view = self.cache.view("hidden_a", self.hidden)
+        for rows in self.cache.batches(self.recipe.batch_size):
+            self.cache.write(view, rows, embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)])
+        view.flush()
+        entry = {"step": "embedding", "points": [], "seconds": time.time() - start}
+        self._finish_step(-1, "hidden_a", "model-embed.safetensors", {"model.embed_tokens.weight": embedding},
+                          None, None, entry)
+
+    def _block_step(self, i, progress):
+        start = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        crash_point(i, "start")
+        source = self.manifest.state["current_cache"]
+        target = "hidden_b" if source == "hidden_a" else "hidden_a"
+        progress.set_postfix_str(f"block {i}: loading")
+        weights = self._dense_weights(i)
+        widths = self.disp_widths[i]
+        out = self.cache.view(target, self.hidden)
+        dense = self._disp_layer(i, weights)
+        error = torch.zeros((), dtype=torch.float64)
+        source_view = self.cache.view(source, self.hidden)
+
+        def emit(rows, y):  # the pruned outputs go to the next block; their error against the dense block is logged
+            x = self._read(source_view, rows)
+            ref = dense(x, **attention_inputs(self.block_config, self.rotary, x)).double()
+            error.add_(((y.double() - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-30)).sum().cpu())
+            self.cache.write(out, rows, y)
+
+        crash_point(i, "solving")
+        tensors, info = self._prune_block(i, weights, widths, source_view, self.cache.batches(self.recipe.batch_size),
+                                          emit, progress)
+        out.flush()
+        crash_point(i, "propagating")
+        info["relative_error"] = float(error) / (self.ids.shape[0] * self.ids.shape[1])
+        rss, gpu = peak_memory_mb(self.device)
+        entry = {"step": f"block {i}", "block": i, "points": [], "disp": info, "seconds": time.time() - start,
+                 "peak_rss_mb": rss, "peak_gpu_mb": gpu}
+        self._finish_step(i, target, f"model-block-{i:05d}.safetensors", tensors, None, None, entry)
+        kept = info["kept_score"]
+        log.info("block %d/%d: index sets %s of %s (%.1f%% of the block's parameters), kept score attn in %.3f "
+                 "out %.3f, mlp in %.3f neurons %.3f out %.3f, relative output error %.4f, %.1fs, peak RSS %.0f MB%s",
+                 i + 1, self.num_layers, list(widths), list(self.shape.full),
+                 100 * info["parameters"] / self.shape.parameters(self.shape.full), kept["attn_in"],
+                 kept["attn_out"], kept["mlp_in"], kept["mlp_hidden"], kept["mlp_out"], info["relative_error"],
+                 entry["seconds"], rss, f", GPU {gpu:.0f} MB" if gpu else "")
+
+    def _head_step(self):
+        f = self.family
+        tensors = {"model.norm.weight": self._weight(f.final_norm)}
+        if not self.tied_head:
+            tensors["lm_head.weight"] = self._weight(f.head if self.reader.has(f.head) else f.embedding)
+        return tensors
+
+    def _output_config(self, weight_map):
+        config = super()._output_config(weight_map)
+        config.update(residual_widths=None, intermediate_sizes=None, shortcuts=None, head_adapter=False,
+                      disp_widths=[list(w) for w in self.disp_widths])
+        return config
+
+    def _extra_record(self, steps):
+        return {"allocation": self.recipe.allocation, "block_parameter_budget": self.budget,
+                "block_parameters": sum(self.shape.parameters(w) for w in self.disp_widths),
+                "block_parameters_dense": self.num_layers * self.shape.parameters(self.shape.full),
+                "blocks": [step["disp"] for step in steps if step.get("disp")],
+                **({"error_curves": [{str(k): v for k, v in c.items()} for c in self.curves]} if self.curves else {})}

@@ -1,0 +1,175 @@
+"""DISP-LLM (Gao et al., arXiv 2410.11988): each block reads and writes its own subset of residual
+channels. This module holds the pure parts: parameter counting, widths for a budget, channel
+scores, selection and the optional least-squares refit. The streaming passes are in disp_engine.py.
+
+Index sets per block (the paper's I1..I5): attention inputs, attention outputs, MLP inputs, MLP
+neurons, MLP outputs. Output channels are chosen by the exact energy their removal takes from the
+residual update; inputs and neurons by the expected squared change of the consumer's output when the
+channel is dropped alone (‖W[:, j]‖² E[x_j²], Wanda/FLAP-style), in residual units where one exists.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import StreamResizeError
+
+DEFAULTS = {"refit": False, "curve_samples": 32, "curve_points": 8}
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Full sizes of one block's five groups and the widths of what they feed."""
+
+    hidden: int
+    intermediate: int
+    q_out: int  # heads x head_dim
+    kv_out: int  # kv heads x head_dim
+
+    @property
+    def full(self):
+        return (self.hidden, self.hidden, self.hidden, self.intermediate, self.hidden)
+
+    def parameters(self, widths):
+        """Block-linear parameters (q, k, v, o, gate, up, down) at the given index-set sizes."""
+        n_attn_in, n_attn_out, n_mlp_in, n_hidden, n_mlp_out = widths
+        return (n_attn_in * (self.q_out + 2 * self.kv_out) + n_attn_out * self.q_out
+                + n_hidden * (2 * n_mlp_in + n_mlp_out))
+
+
+def widths_at(shape, keep, multiple):
+    """Every group keeps the same fraction of its full size, rounded to the width multiple."""
+    widths = []
+    for size in shape.full:
+        n = int(round(keep * size / multiple)) * multiple
+        widths.append(max(min(multiple, size), min(size, n)))
+    return tuple(widths)
+
+
+def keep_levels(shape, multiple):
+    """The distinct widths one block can take: one level per rounding step of its widest group."""
+    steps = max(shape.full) // multiple
+    levels = {}
+    for s in range(1, steps + 1):
+        widths = widths_at(shape, s / steps, multiple)
+        levels.setdefault(widths, s / steps)
+    return sorted((keep, widths) for widths, keep in levels.items())
+
+
+def uniform_widths(shapes, budget, multiple):
+    """Every block the same fraction: the level whose total is nearest the budget."""
+    levels = keep_levels(shapes[0], multiple)
+    total = [sum(s.parameters(widths_at(s, keep, multiple)) for s in shapes) for keep, _ in levels]
+    best = min(range(len(levels)), key=lambda j: abs(total[j] - budget))
+    return [widths_at(s, levels[best][0], multiple) for s in shapes]
+
+
+def interpolate(curve, keep):
+    """Piecewise-linear error at `keep` from {keep: error} points (error 0 at keep 1)."""
+    points = sorted({1.0: 0.0, **{float(k): float(v) for k, v in curve.items()}}.items())
+    if keep <= points[0][0]:
+        return points[0][1]
+    for (k0, e0), (k1, e1) in zip(points, points[1:]):
+        if keep <= k1:
+            return e0 + (e1 - e0) * (keep - k0) / (k1 - k0)
+    return 0.0
+
+
+def global_widths(shapes, curves, budget, multiple):
+    """One shared multiplier: each block takes the level minimising error + λ·parameters, λ found by
+    bisection so the total meets the budget; the leftover budget then goes, one level at a time, to
+    the block whose error drops most per parameter. Error curves are per block, from the dense pass."""
+    options = []
+    for shape, curve in zip(shapes, curves):
+        levels = keep_levels(shape, multiple)
+        options.append([(interpolate(curve, keep), shape.parameters(w), w) for keep, w in levels])
+
+    def choose(lam):
+        return [min(range(len(o)), key=lambda j: (o[j][0] + lam * o[j][1], -o[j][1])) for o in options]
+
+    def total(choice):
+        return sum(o[j][1] for o, j in zip(options, choice))
+
+    scale = max(max(e for e, _, _ in o) for o in options) / max(o[-1][1] for o in options) or 1.0
+    low, high = 0.0, scale
+    while total(choose(high)) > budget and high < scale * 1e12:
+        high *= 4
+    for _ in range(100):
+        mid = (low + high) / 2
+        if total(choose(mid)) > budget:
+            low = mid
+        else:
+            high = mid
+    choice = choose(high)
+    while True:  # spend what is left, best error reduction per parameter first
+        left = budget - total(choice)
+        best, best_gain = None, 0.0
+        for b, (o, j) in enumerate(zip(options, choice)):
+            if j + 1 < len(o) and o[j + 1][1] - o[j][1] <= left:
+                gain = (o[j][0] - o[j + 1][0]) / max(o[j + 1][1] - o[j][1], 1)
+                if best is None or gain > best_gain:
+                    best, best_gain = b, gain
+        if best is None:
+            break
+        choice[best] += 1
+    return [o[j][2] for o, j in zip(options, choice)]
+
+
+def block_budget(shapes, sparsity=None, target_size=None, source_parameters=None):
+    """Block-linear parameters to keep: (1 - sparsity) of them (the paper's pruning ratio), or, with
+    target_size, what is left of that fraction of the whole model after the untouched tensors."""
+    full = sum(s.parameters(s.full) for s in shapes)
+    if target_size is None:
+        if not 0.0 <= sparsity < 1.0:
+            raise StreamResizeError(f"--sparsity must be in [0, 1), got {sparsity}")
+        return (1.0 - sparsity) * full
+    budget = target_size * source_parameters - (source_parameters - full)
+    if budget <= 0:
+        raise StreamResizeError(f"--target-size {target_size}: the embedding, head and norms alone take "
+                                f"{(source_parameters - full) / source_parameters:.1%} of the parameters")
+    return min(budget, full)
+
+
+def top_indices(scores, k):
+    """The k highest-scoring channels, as a sorted index tensor (ties broken by position)."""
+    if k >= scores.numel():
+        return torch.arange(scores.numel(), device=scores.device)
+    return torch.sort(torch.topk(scores, k, sorted=False).indices).values
+
+
+def input_scores(mean_square, weights):
+    """Expected squared change of each consumer's output when input channel j alone is dropped,
+    ‖W[:, j]‖² E[x_j²], each consumer normalised by its total so q, k and v (or gate and up) count alike."""
+    score = torch.zeros_like(mean_square)
+    for w in weights:
+        column = w.double().pow(2).sum(0)
+        score += column / column.sum().clamp_min(1e-30)
+    return score * mean_square
+
+
+def refit_columns(weight, gram, keep):
+    """Least-squares refit of a linear layer on kept input columns: W_K + W_D G_DK G_KK⁻¹ minimises
+    E‖x Wᵀ - x_K W'ᵀ‖² for inputs x with second moment G. Returns the (out x |K|) refitted weight."""
+    d = gram.shape[0]
+    mask = torch.ones(d, dtype=torch.bool, device=gram.device)
+    mask[keep] = False
+    drop = mask.nonzero().flatten()
+    w = weight.double()
+    if drop.numel() == 0:
+        return weight[:, keep].clone()
+    g_kk = gram[keep][:, keep]
+    ridge = 1e-6 * g_kk.diagonal().mean().clamp_min(1e-30)
+    g_kk = g_kk + ridge * torch.eye(len(keep), dtype=gram.dtype, device=gram.device)
+    correction = torch.linalg.solve(g_kk, gram[keep][:, drop]).T  # |D| x |K|: x_D ≈ x_K correctionᵀ
+    return (w[:, keep] + w[:, drop] @ correction).to(weight.dtype)
+
+
+def check_allocation(name):
+    if name not in ALLOCATIONS:
+        raise StreamResizeError(f"--allocation {name}: choose one of {', '.join(ALLOCATIONS)}")
+
+
+def curve_levels(points):
+    """Keep fractions at which the dense pass measures each block's error curve."""
+    return [round(1.0 - (j + 1) / (points + 1) * 0.9, 4) for j in range(points)] if points > 0 else []
