@@ -17,10 +17,14 @@ class ActivationCache:
         self.max_width = max_width
         self.bytes = num_sequences * seq_length * max_width * 4
         for name in ("hidden_a", "hidden_b", "scratch"):
-            path = self.path(name)
-            if not os.path.exists(path) or os.path.getsize(path) != self.bytes:
-                with open(path, "wb") as f:
-                    f.truncate(self.bytes)
+            self.add_file(name)
+
+    def add_file(self, name):
+        """One more full-size file (kept if it exists at the right size, so a resumed run finds it)."""
+        path = self.path(name)
+        if not os.path.exists(path) or os.path.getsize(path) != self.bytes:
+            with open(path, "wb") as f:
+                f.truncate(self.bytes)
 
     def path(self, name):
         return os.path.join(self.work_dir, f"{name}.f32")

@@ -47,6 +47,10 @@ class DispCompressor(StreamingCompressor):
         if r.allocation == "uniform":
             self.disp_widths = disp.uniform_widths(shapes, self.budget, r.width_multiple)
 
+    def _prepare(self):
+        super()._prepare()
+        self.cache.add_file("update")
+
     # ---- the pruned block -------------------------------------------------------------------
 
     def _disp_layer(self, i, weights):
@@ -99,38 +103,32 @@ class DispCompressor(StreamingCompressor):
     def _prune_block(self, i, weights, widths, source, batches, emit, progress=None, label=""):
         """Choose block i's index sets at `widths` on the hidden states in `source` (the pruned
         prefix's outputs), narrowing the layer group by group; emit(rows, y) gets the pruned block's
-        outputs. Returns (tensors to store, info)."""
+        outputs. Each sub-block runs once: its update waits in a cache file while its output
+        channels are chosen. Returns (tensors to store, info)."""
         f, d = self.family, self.hidden
         refit = bool(self.options["refit"])
         n_attn_in, n_attn_out, n_mlp_in, n_hidden, n_mlp_out = widths
         layer = self._disp_layer(i, weights)
         attn, mlp = layer.self_attn, layer.mlp
-        scratch = self.cache.view("scratch", d)
-        kwargs = {}
+        scratch, update = self.cache.view("scratch", d), self.cache.view("update", d)
 
         def status(text):
             if progress is not None:
                 progress.set_postfix_str(f"block {i}{label}: {text}")
 
-        def attention_kwargs(x):
-            if x.shape[:2] not in kwargs:
-                kwargs[x.shape[:2]] = attention_inputs(self.block_config, self.rotary, x)
-            return kwargs[x.shape[:2]]
-
         def ones(x):
             return torch.ones(x.shape[:-1], device=x.device)
 
-        def normed_input(rows):
-            x = self._read(source, rows)
-            return layer.input_layernorm(x), ones(x)
-
-        def attention_update(rows):
-            x = self._read(source, rows)
-            u, _ = attn(layer.input_layernorm(x).index_select(-1, layer.attn_in_index), **attention_kwargs(x))
-            return u, x + u
+        def kept_share(scores, index):
+            return float(scores[index].sum() / scores.sum().clamp_min(1e-30))
 
         with torch.no_grad():
             status("attention inputs")
+
+            def normed_input(rows):
+                x = self._read(source, rows)
+                return layer.input_layernorm(x), ones(x)
+
             square, gram = self._moments(batches, normed_input, d, refit)
             scores = disp.input_scores(square, [weights[r] for r in f.attn_readers])
             attn_in = disp.top_indices(scores, n_attn_in)
@@ -138,20 +136,29 @@ class DispCompressor(StreamingCompressor):
                 w = weights[r]
                 self._set_weights(layer, {r: disp.refit_columns(w, gram, attn_in) if refit else w[:, attn_in]})
             layer.attn_in_index = attn_in
-            kept_in = float(scores[attn_in].sum() / scores.sum().clamp_min(1e-30))
+            kept = {"attn_in": kept_share(scores, attn_in)}
 
             status("attention outputs")
+
+            def attention_update(rows):  # the full-width update waits in the scratch file
+                x = self._read(source, rows)
+                u, _ = attn(layer.input_layernorm(x).index_select(-1, attn_in),
+                            **attention_inputs(self.block_config, self.rotary, x))
+                self.cache.write(scratch, rows, u)
+                return u, x + u
+
             energy = self._energy(batches, attention_update)
+            scratch.flush()
             attn_out = disp.top_indices(energy, n_attn_out)
             self._set_weights(layer, {f.attn_writer: weights[f.attn_writer][attn_out]})
             layer.attn_out_index = attn_out
-            kept_attn_out = float(energy[attn_out].sum() / energy.sum().clamp_min(1e-30))
+            kept["attn_out"] = kept_share(energy, attn_out)
 
             status("MLP inputs")
 
-            def attention_residual(rows):  # writes the post-attention residual h to the scratch file
-                x = self._read(source, rows)
-                h = layer.attention_residual(x, **attention_kwargs(x))
+            def attention_residual(rows):  # h = x + u on I2 replaces u in the scratch file
+                x, u = self._read(source, rows), self._read(scratch, rows)
+                h = x.index_add(-1, attn_out, u.index_select(-1, attn_out))
                 self.cache.write(scratch, rows, h)
                 return layer.post_attention_layernorm(h), ones(h)
 
@@ -163,7 +170,7 @@ class DispCompressor(StreamingCompressor):
                 w = weights[r]
                 self._set_weights(layer, {r: disp.refit_columns(w, gram, mlp_in) if refit else w[:, mlp_in]})
             layer.mlp_in_index = mlp_in
-            kept_mlp_in = float(scores[mlp_in].sum() / scores.sum().clamp_min(1e-30))
+            kept["mlp_in"] = kept_share(scores, mlp_in)
 
             status("MLP neurons")
 
@@ -180,31 +187,32 @@ class DispCompressor(StreamingCompressor):
             self._set_weights(layer, {r: layer.get_submodule(r).weight[hidden] for r in f.mlp_readers})
             self._set_weights(layer, {f.mlp_writer: disp.refit_columns(w_down, gram, hidden) if refit
                                       else w_down[:, hidden]})
-            kept_hidden = float(scores[hidden].sum() / scores.sum().clamp_min(1e-30))
+            kept["mlp_hidden"] = kept_share(scores, hidden)
 
             status("MLP outputs")
 
-            def mlp_update(rows):
+            def mlp_update(rows):  # the full-width update waits in the update file
                 h = self._read(scratch, rows)
                 m = mlp(layer.post_attention_layernorm(h).index_select(-1, mlp_in))
+                self.cache.write(update, rows, m)
                 return m, h + m
 
             energy = self._energy(batches, mlp_update)
+            update.flush()
             mlp_out = disp.top_indices(energy, n_mlp_out)
             self._set_weights(layer, {f.mlp_writer: layer.get_submodule(f.mlp_writer).weight[mlp_out]})
             layer.mlp_out_index = mlp_out
-            kept_mlp_out = float(energy[mlp_out].sum() / energy.sum().clamp_min(1e-30))
+            kept["mlp_out"] = kept_share(energy, mlp_out)
 
             status("writing outputs")
             for rows in batches:
-                emit(rows, layer.mlp_residual(self._read(scratch, rows)))
+                h, m = self._read(scratch, rows), self._read(update, rows)
+                emit(rows, h.index_add(-1, mlp_out, m.index_select(-1, mlp_out)))
 
         prefix = f"model.layers.{i}."
         tensors = {prefix + name: p.detach() for name, p in layer.named_parameters()}
         tensors.update({prefix + name: getattr(layer, name).to(torch.int64) for name in INDEX_NAMES})
-        info = {"block": i, "widths": list(widths), "parameters": self.shape.parameters(widths),
-                "kept_score": {"attn_in": kept_in, "attn_out": kept_attn_out, "mlp_in": kept_mlp_in,
-                               "mlp_hidden": kept_hidden, "mlp_out": kept_mlp_out}}
+        info = {"block": i, "widths": list(widths), "parameters": self.shape.parameters(widths), "kept_score": kept}
         return tensors, info
 
     # ---- global allocation: error-versus-width curves on the dense model -----------------------
@@ -298,11 +306,17 @@ class DispCompressor(StreamingCompressor):
         dense = self._disp_layer(i, weights)
         error = torch.zeros((), dtype=torch.float64)
         source_view = self.cache.view(source, self.hidden)
+        measured = min(self.ids.shape[0], int(self.options["curve_samples"]))
 
-        def emit(rows, y):  # the pruned outputs go to the next block; their error against the dense block is logged
-            x = self._read(source_view, rows)
-            ref = dense(x, **attention_inputs(self.block_config, self.rotary, x)).double()
-            error.add_(((y.double() - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-30)).sum().cpu())
+        def emit(rows, y):
+            """The pruned outputs go to the next block; on the first sequences, their error against
+            the dense block's outputs is measured for the log."""
+            if rows[0] < measured:
+                part = (rows[0], min(rows[1], measured))
+                x = self._read(source_view, part)
+                ref = dense(x, **attention_inputs(self.block_config, self.rotary, x)).double()
+                y_part = y[:part[1] - part[0]].double()
+                error.add_(((y_part - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-30)).sum().cpu())
             self.cache.write(out, rows, y)
 
         crash_point(i, "solving")
@@ -310,7 +324,7 @@ class DispCompressor(StreamingCompressor):
                                           emit, progress)
         out.flush()
         crash_point(i, "propagating")
-        info["relative_error"] = float(error) / (self.ids.shape[0] * self.ids.shape[1])
+        info["relative_error"] = float(error) / (measured * self.ids.shape[1])
         rss, gpu = peak_memory_mb(self.device)
         entry = {"step": f"block {i}", "block": i, "points": [], "disp": info, "seconds": time.time() - start,
                  "peak_rss_mb": rss, "peak_gpu_mb": gpu}
