@@ -22,9 +22,10 @@ def _compress_parser(sub):
     p.add_argument("--sparsity", type=float, help="fraction of the residual width removed (SliceGPT's meaning); "
                                                   "for disp: fraction of the block-linear parameters removed "
                                                   "(the DISP-LLM paper's pruning ratio)")
-    p.add_argument("--allocation", choices=["uniform", "global"],
-                   help="disp: uniform (every block keeps the same fraction, default) or global (error-versus-"
-                        "width curves from a pass over the dense model share one budget across blocks)")
+    p.add_argument("--allocation", choices=["uniform", "global", "learned"],
+                   help="disp: uniform (every block keeps the same fraction, default), global (error-versus-"
+                        "width curves from a pass over the dense model share one budget across blocks) or "
+                        "learned (the paper's hypernetwork, trained on the whole model: needs it to fit)")
     p.add_argument("--mlp-sparsity", type=float, help="fraction of MLP intermediate neurons removed (default 0)")
     p.add_argument("--target-size", type=float,
                    help="fraction of the source's total parameters to keep (tied tensors once); picks "
@@ -45,7 +46,8 @@ def _compress_parser(sub):
                    help="method option, repeatable: support=norm|variance|mean_abs|pca, "
                         "cost=sqeuclidean|correlation, normalize=true, epsilon=0.05, marginals=uniform|energy, "
                         "solver=auto|sinkhorn|sinkhorn_log|sinkhorn_stabilized|emd, reader=pinv|lstsq, mlp_reader=ot|lstsq; "
-                        "disp: refit=true (least-squares refit of kept weights), curve_samples=32, curve_points=8")
+                        "disp: refit=true (least-squares refit of kept weights), curve_samples=32, curve_points=8, "
+                        "learn_steps=200, learn_lr=1e-3, learn_lambda=6, learn_tau=0.5, learn_batch=1, learn_seq=256")
     p.add_argument("--dataset", nargs="+", help="calibration text: local .txt (documents split at blank lines) "
                                                 "or .jsonl (a 'text' field per line)")
     p.add_argument("--num-calibration-samples", type=int, help="calibration sequences (default 128)")

@@ -20,7 +20,7 @@ import torch
 
 from .engine import StreamingCompressor, crash_point, peak_memory_mb
 from .errors import StreamResizeError
-from .methods import disp
+from .methods import disp, disp_learned
 from .methods.disp import BlockShape
 from .modeling.modeling_streamresize import DispDecoderLayer, StreamResizeConfig, attention_inputs
 from .writer import atomic_write_json
@@ -30,7 +30,7 @@ INDEX_NAMES = ("attn_in_index", "attn_out_index", "mlp_in_index", "mlp_out_index
 
 
 class DispCompressor(StreamingCompressor):
-    known_options = set(disp.DEFAULTS)
+    known_options = set(disp.DEFAULTS) | set(disp_learned.DEFAULTS)
 
     def _choose_widths(self):
         r, c = self.recipe, self.source_config
@@ -261,6 +261,8 @@ class DispCompressor(StreamingCompressor):
         return curves
 
     def _before_blocks(self, progress, first):
+        if self.recipe.allocation == "learned":
+            self._learned_widths(first)
         if self.recipe.allocation != "global":
             return
         path = os.path.join(self.work_dir, "disp-curves.json")
@@ -276,6 +278,23 @@ class DispCompressor(StreamingCompressor):
             log.info("error curves of %d blocks in %.1fs", self.num_layers, time.time() - start)
         self.disp_widths = disp.global_widths([self.shape] * self.num_layers, self.curves, self.budget,
                                               self.recipe.width_multiple)
+
+    def _learned_widths(self, first):
+        """The paper's hypernetwork picks the widths (saved, so a resumed run reuses them)."""
+        path = os.path.join(self.work_dir, "disp-learned.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+        elif first > -1:
+            raise StreamResizeError(f"{self.work_dir}: the learned widths of this run are missing; rerun with --restart")
+        else:
+            start = time.time()
+            widths, history = disp_learned.learn_widths(self.model_dir, self.ids, self.shape, self.budget,
+                                                        self.options, self.device, self.recipe.seed)
+            saved = {"widths": [list(w) for w in widths], "history": history, "seconds": time.time() - start}
+            atomic_write_json(path, saved)
+        self.learned = saved
+        self.disp_widths = disp_learned.round_widths(saved["widths"], self.shape, self.recipe.width_multiple)
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -355,4 +374,6 @@ class DispCompressor(StreamingCompressor):
                 "block_parameters": sum(self.shape.parameters(w) for w in self.disp_widths),
                 "block_parameters_dense": self.num_layers * self.shape.parameters(self.shape.full),
                 "blocks": [step["disp"] for step in steps if step.get("disp")],
-                **({"error_curves": [{str(k): v for k, v in c.items()} for c in self.curves]} if self.curves else {})}
+                **({"error_curves": [{str(k): v for k, v in c.items()} for c in self.curves]} if self.curves else {}),
+                **({"learned": {"widths": self.learned["widths"], "history": self.learned["history"]}}
+                   if self.recipe.allocation == "learned" else {})}

@@ -169,3 +169,31 @@ def test_bad_disp_options_exit_with_a_clear_message(tiny_model, texts, tmp_path)
                 check=False)
     assert small.returncode == 2 and "--target-size" in small.stderr
     assert not (tmp_path / "o2" / "model.safetensors.index.json").exists()
+
+
+def test_learned_widths_meet_the_budget_and_lower_the_lm_loss(tiny_model, texts):
+    """The paper's hypernetwork on frozen weights: the budget term reaches the target and the LM loss
+    of the masked model falls as the masks are trained."""
+    from streamresize.calibration import calibration_ids
+    from streamresize.methods import disp_learned
+
+    shape, layers = _shape(tiny_model)
+    budget = 0.6 * layers * shape.parameters(shape.full)
+    ids = calibration_ids(tiny_model, [texts["calib"]], 12, 32, 0)
+    options = {**disp_learned.DEFAULTS, "learn_steps": 60, "learn_seq": 32, "learn_batch": 4, "learn_lr": 1e-2}
+    widths, history = disp_learned.learn_widths(tiny_model, ids, shape, budget, options, torch.device("cpu"))
+    first = sum(h["lm_loss"] for h in history[:15]) / 15
+    last = sum(h["lm_loss"] for h in history[-15:]) / 15
+    assert last < first - 0.1
+    assert abs(history[-1]["kept_ratio"] - 1) < 0.05
+    assert abs(sum(shape.parameters(w) for w in widths) / budget - 1) < 0.1
+
+
+def test_learned_allocation_end_to_end(tiny_model, texts, tmp_path):
+    out = tmp_path / "out"
+    _compress(tiny_model, out, texts, sparsity=0.4, allocation="learned",
+              method_options={"learn_steps": 3, "learn_seq": 16})
+    config = read_config(out)
+    assert len(config["streamresize"]["learned"]["history"]) == 3
+    assert all(w % 8 == 0 for block in config["disp_widths"] for w in block)
+    assert torch.isfinite(streamresize.load(str(out))(_ids()).logits).all()

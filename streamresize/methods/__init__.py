@@ -1,7 +1,7 @@
 """Width methods: each maps a point's statistics to an orthonormal basis of the kept width."""
 
 from ..errors import StreamResizeError
-from . import disp, dotresize, pca, prune
+from . import disp, disp_learned, dotresize, pca, prune
 
 # disp keeps the residual width and selects channels per block: it has its own block step
 # (disp_engine.py) and no per-point solver.
@@ -13,7 +13,7 @@ def method_defaults(name):
     if name == "dotresize":
         return dict(dotresize.DEFAULTS)
     if name == "disp":
-        return dict(disp.DEFAULTS)
+        return {**disp.DEFAULTS, **disp_learned.DEFAULTS}
     if name == "prune":
         return {"support": dotresize.DEFAULTS["support"], "reader": "pinv"}
     return {"reader": "pinv"}

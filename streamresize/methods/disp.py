@@ -15,7 +15,7 @@ import torch
 from ..errors import StreamResizeError
 
 DEFAULTS = {"refit": False, "curve_samples": 32, "curve_points": 8}
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "learned")
 
 
 @dataclass(frozen=True)
