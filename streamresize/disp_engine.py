@@ -221,9 +221,101 @@ class DispCompressor(StreamingCompressor):
         n = min(self.ids.shape[0], int(self.options["curve_samples"]))
         return [(a, min(b, n)) for a, b in self.cache.batches(self.recipe.batch_size) if a < n]
 
+    def _block_curves(self, i, weights, source, dense_out, batches):
+        """Error-versus-width curve of each group of block i: the block's output error (per token,
+        relative to ‖y‖²) when only that group is narrowed, on dense inputs. Output groups (I2, I5)
+        follow exactly from the updates' channel energies; the others are measured."""
+        f, d = self.family, self.hidden
+        refit = bool(self.options["refit"])
+        layer = self._disp_layer(i, weights)
+        attn, mlp = layer.self_attn, layer.mlp
+        levels = [disp.widths_at(self.shape, keep, self.recipe.width_multiple)
+                  for keep in disp.curve_levels(int(self.options["curve_points"]))]
+
+        def dense(rows):
+            x = self._read(source, rows)
+            kwargs = attention_inputs(self.block_config, self.rotary, x)
+            xn = layer.input_layernorm(x)
+            u, _ = attn(xn, **kwargs)
+            h = x + u
+            z = layer.post_attention_layernorm(h)
+            a = mlp.act_fn(mlp.gate_proj(z)) * mlp.up_proj(z)
+            m = mlp.down_proj(a)
+            y = h + m
+            weight = 1.0 / y.double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+            return x, kwargs, xn, u, z, a, m, y, weight
+
+        sums = {name: 0.0 for name in ("xn", "z", "a", "u", "m")}
+        grams = {"xn": 0.0, "z": 0.0, "a": 0.0}
+        tokens = 0
+        for rows in batches:  # moments and energies, and the dense outputs for the next block
+            x, kwargs, xn, u, z, a, m, y, weight = dense(rows)
+            self.cache.write(dense_out, rows, y)
+            flat = {"xn": xn, "z": z, "a": a, "u": u, "m": m}
+            for name, t in flat.items():
+                t2 = t.double().reshape(-1, t.shape[-1])
+                w = weight.reshape(-1, 1) if name in ("u", "m", "a") else 1.0
+                sums[name] = sums[name] + (t2.pow(2) * w).sum(0)
+                if refit and name in grams:
+                    grams[name] = grams[name] + (t2 * w).T @ t2
+            tokens += x.shape[0] * x.shape[1]
+        dense_out.flush()
+        mean = {k: v / tokens for k, v in sums.items()}
+        grams = {k: (v / tokens if refit else None) for k, v in grams.items()}
+
+        attn_scores = disp.input_scores(mean["xn"], [weights[r] for r in f.attn_readers])
+        mlp_scores = disp.input_scores(mean["z"], [weights[r] for r in f.mlp_readers])
+        w_down = weights[f.mlp_writer]
+        neuron_scores = mean["a"] * w_down.double().pow(2).sum(0)
+
+        def sliced(readers, gram, index):
+            return {r: (disp.refit_columns(weights[r], gram, index) if refit else weights[r][:, index]).float()
+                    for r in readers}
+
+        variants = []  # per level: (attention input index, q/k/v), (MLP input index, gate/up), (neurons, down)
+        for widths in levels:
+            i1 = disp.top_indices(attn_scores, widths[0])
+            i3 = disp.top_indices(mlp_scores, widths[2])
+            i4 = disp.top_indices(neuron_scores, widths[3])
+            down = disp.refit_columns(w_down, grams["a"], i4) if refit else w_down[:, i4]
+            variants.append(((i1, sliced(f.attn_readers, grams["xn"], i1)), (i3, sliced(f.mlp_readers, grams["z"], i3)),
+                             (i4, down.float())))
+        measured = torch.zeros(len(levels), 3, dtype=torch.float64)
+        q_role, k_role, v_role = f.attn_readers
+        gate_role, up_role = f.mlp_readers
+        for rows in batches:
+            x, kwargs, xn, u, z, a, m, y, weight = dense(rows)
+            for j, ((i1, qkv), (i3, gu), (i4, down)) in enumerate(variants):
+                self._set_weights(layer, qkv)
+                u_j, _ = attn(xn.index_select(-1, i1), **kwargs)
+                zi = z.index_select(-1, i3)
+                a_j = mlp.act_fn(torch.nn.functional.linear(zi, gu[gate_role])) * torch.nn.functional.linear(zi, gu[up_role])
+                m_j = mlp.down_proj(a_j)
+                m_k = torch.nn.functional.linear(a.index_select(-1, i4), down)
+                for c, (new, old) in enumerate(((u_j, u), (m_j, m), (m_k, m))):
+                    measured[j, c] += ((new.double() - old.double()).pow(2) * weight).sum().cpu()
+            self._set_weights(layer, {r: weights[r] for r in f.attn_readers})
+        measured /= tokens
+
+        def dropped(energy, n):
+            return float(energy.sum() - energy[disp.top_indices(energy, n)].sum())
+
+        curves = []
+        for g in range(5):
+            curve = {}
+            for j, widths in enumerate(levels):
+                n = widths[g]
+                if g == 1:
+                    curve[n] = dropped(mean["u"], n)
+                elif g == 4:
+                    curve[n] = dropped(mean["m"], n)
+                else:
+                    curve[n] = float(measured[j, {0: 0, 2: 1, 3: 2}[g]])
+            curves.append(curve)
+        return curves
+
     def _measure_curves(self, progress):
-        """Per block, the per-token relative output error ‖y_ρ - y‖²/‖y‖² of the block pruned to
-        each keep fraction ρ, on dense inputs from the first `curve_samples` sequences."""
+        """Every block's per-group error curves, on dense inputs from the first `curve_samples` sequences."""
         d, f = self.hidden, self.family
         batches = self._curve_rows()
         views = [self.cache.view("hidden_a", d), self.cache.view("hidden_b", d)]
@@ -232,32 +324,14 @@ class DispCompressor(StreamingCompressor):
             self.cache.write(views[0], rows, embedding[torch.from_numpy(self.ids[rows[0]:rows[1]]).to(self.device)])
         views[0].flush()
         del embedding
-        levels = disp.curve_levels(int(self.options["curve_points"]))
         curves = []
-        for i in range(self.num_layers):
-            source, dense_out = views[i % 2], views[(i + 1) % 2]
-            weights = self._dense_weights(i)
-            progress.set_postfix_str(f"error curves: block {i}")
-            dense = self._disp_layer(i, weights)
-            with torch.no_grad():
-                for rows in batches:
-                    x = self._read(source, rows)
-                    self.cache.write(dense_out, rows, dense(x, **attention_inputs(self.block_config, self.rotary, x)))
-            dense_out.flush()
-            curve = {}
-            for keep in levels:
-                error = torch.zeros((), dtype=torch.float64)
-
-                def compare(rows, y, error=error):
-                    ref = self._read(dense_out, rows).double()
-                    error += ((y.double() - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-30)).sum().cpu()
-
-                self._prune_block(i, weights, disp.widths_at(self.shape, keep, self.recipe.width_multiple),
-                                  source, batches, compare)
-                tokens = sum(b - a for a, b in batches) * self.ids.shape[1]
-                curve[keep] = float(error) / tokens
-            curves.append(curve)
-            log.info("error curve block %d: %s", i, ", ".join(f"{k:.2f}:{v:.4f}" for k, v in curve.items()))
+        with torch.no_grad():
+            for i in range(self.num_layers):
+                progress.set_postfix_str(f"error curves: block {i}")
+                block = self._block_curves(i, self._dense_weights(i), views[i % 2], views[(i + 1) % 2], batches)
+                curves.append(block)
+                log.info("error curves block %d (error at the narrowest level measured): %s", i,
+                         ", ".join(f"{g} {min(c.items())[1]:.4f}" for g, c in zip(disp.GROUPS, block)))
         return curves
 
     def _before_blocks(self, progress, first):
@@ -268,13 +342,13 @@ class DispCompressor(StreamingCompressor):
         path = os.path.join(self.work_dir, "disp-curves.json")
         if os.path.exists(path):
             with open(path) as f:
-                self.curves = [{float(k): v for k, v in c.items()} for c in json.load(f)]
+                self.curves = [[{int(k): v for k, v in c.items()} for c in block] for block in json.load(f)]
         elif first > -1:
             raise StreamResizeError(f"{self.work_dir}: the error curves of this run are missing; rerun with --restart")
         else:
             start = time.time()
             self.curves = self._measure_curves(progress)
-            atomic_write_json(path, [{str(k): v for k, v in c.items()} for c in self.curves])
+            atomic_write_json(path, self._curves_json())
             log.info("error curves of %d blocks in %.1fs", self.num_layers, time.time() - start)
         self.disp_widths = disp.global_widths([self.shape] * self.num_layers, self.curves, self.budget,
                                               self.recipe.width_multiple)
@@ -369,11 +443,14 @@ class DispCompressor(StreamingCompressor):
                       disp_widths=[list(w) for w in self.disp_widths])
         return config
 
+    def _curves_json(self):
+        return [[{str(k): v for k, v in sorted(c.items())} for c in block] for block in self.curves]
+
     def _extra_record(self, steps):
         return {"allocation": self.recipe.allocation, "block_parameter_budget": self.budget,
                 "block_parameters": sum(self.shape.parameters(w) for w in self.disp_widths),
                 "block_parameters_dense": self.num_layers * self.shape.parameters(self.shape.full),
                 "blocks": [step["disp"] for step in steps if step.get("disp")],
-                **({"error_curves": [{str(k): v for k, v in c.items()} for c in self.curves]} if self.curves else {}),
+                **({"error_curves": self._curves_json()} if self.curves else {}),
                 **({"learned": {"widths": self.learned["widths"], "history": self.learned["history"]}}
                    if self.recipe.allocation == "learned" else {})}

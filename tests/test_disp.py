@@ -127,14 +127,22 @@ def test_refit_reduces_reconstruction_error():
         assert (x[:, keep] @ other.T - target).pow(2).sum() >= refit
 
 
-def test_global_allocation_gives_more_to_blocks_that_suffer_more():
+def _curves(shape, scale):
+    return [{n: scale[g] * (1 - n / full) ** 2 for n in range(8, full, 8)} for g, full in enumerate(shape.full)]
+
+
+def test_global_allocation_follows_the_error_curves():
     shape = disp.BlockShape(64, 96, 64, 32)
-    steep = {k: 10 * (1 - k) ** 2 for k in disp.curve_levels(8)}
-    flat = {k: 0.1 * (1 - k) ** 2 for k in disp.curve_levels(8)}
     budget = 0.6 * 2 * shape.parameters(shape.full)
+    steep, flat = _curves(shape, [10.0] * 5), _curves(shape, [0.1] * 5)
     widths = disp.global_widths([shape, shape], [steep, flat], budget, 8)
     assert shape.parameters(widths[0]) > shape.parameters(widths[1])
-    assert sum(shape.parameters(w) for w in widths) <= budget
+    total = sum(shape.parameters(w) for w in widths)
+    assert total <= budget
+    # Dimension independence: within a block, the group whose curve is flat gives up more.
+    cheap_neurons = _curves(shape, [10.0, 10.0, 10.0, 0.01, 10.0])
+    widths = disp.global_widths([shape], [cheap_neurons], 0.6 * shape.parameters(shape.full), 8)[0]
+    assert widths[3] / 96 < min(widths[g] / 64 for g in (0, 1, 2, 4))
 
 
 def test_refit_option_runs_and_lowers_block_error(tiny_model, texts, tmp_path):

@@ -14,7 +14,8 @@ import torch
 
 from ..errors import StreamResizeError
 
-DEFAULTS = {"refit": False, "curve_samples": 32, "curve_points": 8}
+DEFAULTS = {"refit": False, "curve_samples": 16, "curve_points": 8}
+GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")
 ALLOCATIONS = ("uniform", "global", "learned")
 
 
@@ -65,55 +66,53 @@ def uniform_widths(shapes, budget, multiple):
     return [widths_at(s, levels[best][0], multiple) for s in shapes]
 
 
-def interpolate(curve, keep):
-    """Piecewise-linear error at `keep` from {keep: error} points (error 0 at keep 1)."""
-    points = sorted({1.0: 0.0, **{float(k): float(v) for k, v in curve.items()}}.items())
-    if keep <= points[0][0]:
+def interpolate(curve, width, full):
+    """Piecewise-linear error at `width` from {width: error} points (error 0 at the full width)."""
+    points = sorted({full: 0.0, **{int(k): float(v) for k, v in curve.items()}}.items())
+    if width <= points[0][0]:
         return points[0][1]
-    for (k0, e0), (k1, e1) in zip(points, points[1:]):
-        if keep <= k1:
-            return e0 + (e1 - e0) * (keep - k0) / (k1 - k0)
+    for (n0, e0), (n1, e1) in zip(points, points[1:]):
+        if width <= n1:
+            return e0 + (e1 - e0) * (width - n0) / (n1 - n0)
     return 0.0
 
 
 def global_widths(shapes, curves, budget, multiple):
-    """One shared multiplier: each block takes the level minimising error + λ·parameters, λ found by
-    bisection so the total meets the budget; the leftover budget then goes, one level at a time, to
-    the block whose error drops most per parameter. Error curves are per block, from the dense pass."""
-    options = []
-    for shape, curve in zip(shapes, curves):
-        levels = keep_levels(shape, multiple)
-        options.append([(interpolate(curve, keep), shape.parameters(w), w) for keep, w in levels])
+    """Dimension-independent widths for one global budget. curves[b][g] maps a width of group g of
+    block b to the block's output error with only that group narrowed (errors add, to first order).
+    Starting from the dense model, one rounding unit at a time is taken from the group whose error
+    grows least per parameter saved (exact parameter counts at the current widths: the MLP's are
+    products of widths), until the total is within the budget."""
+    widths = [list(s.full) for s in shapes]
+    errors = [[interpolate(curves[b][g], n, full) for g, (n, full) in enumerate(zip(widths[b], s.full))]
+              for b, s in enumerate(shapes)]
 
-    def choose(lam):
-        return [min(range(len(o)), key=lambda j: (o[j][0] + lam * o[j][1], -o[j][1])) for o in options]
+    def best_step(b):  # (error added per parameter saved, group, new width, its error, parameters saved)
+        shape, best = shapes[b], None
+        now = shape.parameters(widths[b])
+        for g, full in enumerate(shape.full):
+            n = widths[b][g] - multiple
+            if n < min(multiple, full):
+                continue
+            saved = now - shape.parameters(widths[b][:g] + [n] + widths[b][g + 1:])
+            if saved > 0:
+                error = interpolate(curves[b][g], n, full)
+                step = ((error - errors[b][g]) / saved, g, n, error, saved)
+                best = step if best is None or step[0] < best[0] else best
+        return best
 
-    def total(choice):
-        return sum(o[j][1] for o, j in zip(options, choice))
-
-    scale = max(max(e for e, _, _ in o) for o in options) / max(o[-1][1] for o in options) or 1.0
-    low, high = 0.0, scale
-    while total(choose(high)) > budget and high < scale * 1e12:
-        high *= 4
-    for _ in range(100):
-        mid = (low + high) / 2
-        if total(choose(mid)) > budget:
-            low = mid
-        else:
-            high = mid
-    choice = choose(high)
-    while True:  # spend what is left, best error reduction per parameter first
-        left = budget - total(choice)
-        best, best_gain = None, 0.0
-        for b, (o, j) in enumerate(zip(options, choice)):
-            if j + 1 < len(o) and o[j + 1][1] - o[j][1] <= left:
-                gain = (o[j][0] - o[j + 1][0]) / max(o[j + 1][1] - o[j][1], 1)
-                if best is None or gain > best_gain:
-                    best, best_gain = b, gain
-        if best is None:
-            break
-        choice[best] += 1
-    return [o[j][2] for o, j in zip(options, choice)]
+    steps = [best_step(b) for b in range(len(shapes))]
+    total = sum(s.parameters(w) for s, w in zip(shapes, widths))
+    while total > budget:
+        candidates = [b for b, step in enumerate(steps) if step is not None]
+        if not candidates:
+            raise StreamResizeError("the budget is below the smallest widths the rounding allows")
+        b = min(candidates, key=lambda c: (steps[c][0], c))
+        _, g, n, error, saved = steps[b]
+        widths[b][g], errors[b][g] = n, error
+        total -= saved
+        steps[b] = best_step(b)
+    return [tuple(w) for w in widths]
 
 
 def block_budget(shapes, sparsity=None, target_size=None, source_parameters=None):
