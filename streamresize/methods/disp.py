@@ -14,7 +14,9 @@ import torch
 
 from ..errors import StreamResizeError
 
-DEFAULTS = {"refit": False, "curve_samples": 16, "curve_points": 8}
+# refit on by default: on SmolLM2-135M at sparsity 0.3 it takes perplexity from 502 to 144 (BENCHMARKS.md);
+# refit=false is the paper's variant (no weight updates).
+DEFAULTS = {"refit": True, "curve_samples": 16, "curve_points": 8}
 GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")
 ALLOCATIONS = ("uniform", "global", "learned")
 
