@@ -69,16 +69,6 @@ def sample_windows(stream, num_samples, seq_length, seed, source="dataset"):
     return np.stack([stream[s:s + seq_length] for s in starts])
 
 
-def consecutive_windows(stream, seq_length, num_samples=None):
-    """Non-overlapping windows from the start of the stream (for evaluation)."""
-    count = len(stream) // seq_length
-    if num_samples is not None:
-        count = min(count, num_samples)
-    if count == 0:
-        raise StreamResizeError(f"evaluation text has {len(stream)} tokens, fewer than one window of {seq_length}")
-    return stream[:count * seq_length].reshape(count, seq_length)
-
-
 def calibration_ids(model_dir, paths, num_samples, seq_length, seed):
     tokenizer = load_tokenizer(model_dir)
     stream = token_stream(tokenizer, read_documents(paths))

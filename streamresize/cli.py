@@ -1,8 +1,9 @@
-"""Command line: `streamresize compress` and `streamresize eval`."""
+"""Command line: `streamresize compress`, `streamresize eval` and `streamresize report`."""
 
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import StreamResizeError
@@ -63,15 +64,47 @@ def _compress_parser(sub):
 
 
 def _eval_parser(sub):
-    p = sub.add_parser("eval", help="held-out perplexity of a checkpoint",
-                       description="Perplexity of MODEL_DIR on local text in non-overlapping windows; "
-                                   "the last line printed is JSON.")
+    p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a checkpoint",
+                       description="Evaluate MODEL_DIR on local data: perplexity (--dataset), zero-shot multiple "
+                                   "choice (--tasks), lm-evaluation-harness tasks (--lm-eval), speed and memory "
+                                   "against the source model (--speed). Prints a table; the last line printed "
+                                   "is the result as JSON, also written to --output.")
     p.add_argument("model_dir")
-    p.add_argument("--dataset", nargs="+", required=True, help="local .txt or .jsonl evaluation text")
-    p.add_argument("--max-seq-length", type=int, default=2048)
-    p.add_argument("--num-samples", type=int, help="evaluate at most this many windows")
+    p.add_argument("--dataset", nargs="+", help="local .txt or .jsonl text for perplexity")
+    p.add_argument("--max-seq-length", type=int, default=2048, help="tokens per perplexity window; longest "
+                                                                   "zero-shot context + choice (default 2048)")
+    p.add_argument("--stride", type=int, help="start a perplexity window every STRIDE tokens and score only the "
+                                              "tokens no earlier window scored (default: --max-seq-length, "
+                                              "non-overlapping windows)")
+    p.add_argument("--num-samples", type=int, help="evaluate at most this many perplexity windows")
+    p.add_argument("--tasks", nargs="+", default=[],
+                   help="zero-shot tasks: JSONL files of {\"context\", \"choices\", \"label\"} records, or "
+                        "the names of shipped tasks (wiki-next-sentence)")
+    p.add_argument("--limit", type=int, help="score at most this many items per zero-shot or lm-eval task")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs lm_eval "
+                                                      "installed and the tasks' data available offline)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="directory of extra lm-eval task YAML files")
+    p.add_argument("--speed", action="store_true", help="measure prefill and decode tokens/s and peak memory "
+                                                        "against the source model, interleaved, median of runs")
+    p.add_argument("--baseline", help="model to compare speed against (default: the source the output recorded)")
+    p.add_argument("--prompt-length", type=int, default=128, help="speed: prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="speed: greedily generated tokens (default 32)")
+    p.add_argument("--speed-batch-size", type=int, default=1, help="speed: sequences per batch (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="speed: runs per model, median taken (default 5)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="JSON result file (default: streamresize_eval.json in MODEL_DIR when it is a "
+                                    "streamresize output, where `report` finds it; none otherwise)")
+
+
+def _report_parser(sub):
+    p = sub.add_parser("report", help="Markdown report with plots of compressed outputs",
+                       description="Write a Markdown report (and PNG plots when matplotlib is installed) from what "
+                                   "compression recorded in each OUT_DIR and what `eval` wrote there; with several "
+                                   "inputs, also perplexity against parameter count per method. An input may also "
+                                   "be an eval JSON file (e.g. of the dense source, from eval --output).")
+    p.add_argument("inputs", nargs="+", metavar="OUT_DIR")
+    p.add_argument("-o", "--output", help="report directory (default: OUT_DIR/report for one input)")
 
 
 RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "target_size", "mlp_ratio", "mlp_method", "basis",
@@ -103,10 +136,37 @@ def run_compress(args):
 
 def run_eval(args):
     from .engine import resolve_device
-    from .evaluate import evaluate
+    from .evaluate import default_output, evaluate, format_table, save_result
 
-    return evaluate(args.model_dir, args.dataset, args.max_seq_length, args.num_samples, args.batch_size,
-                    resolve_device(args.device))
+    speed = None
+    if args.speed:
+        speed = {"batch_size": args.speed_batch_size, "prompt_length": args.prompt_length,
+                 "new_tokens": args.new_tokens, "repeats": args.repeats}
+    lm_eval_tasks = [t for t in (args.lm_eval or "").split(",") if t]
+    result = evaluate(args.model_dir, args.dataset, args.max_seq_length, args.num_samples, args.batch_size,
+                      resolve_device(args.device), stride=args.stride, tasks=args.tasks, limit=args.limit,
+                      lm_eval_tasks=lm_eval_tasks, lm_eval_include=args.lm_eval_include, speed=speed,
+                      baseline=args.baseline)
+    output = args.output or default_output(args.model_dir)
+    if output:
+        save_result(result, output)
+        log.info("wrote %s", output)
+    print(format_table(result))
+    return result
+
+
+def run_report(args):
+    from .report import write_report
+
+    if args.output is None and len(args.inputs) > 1:
+        raise StreamResizeError("several inputs: pass --output DIR for the report")
+    out_dir = args.output or os.path.join(args.inputs[0], "report")
+    path = write_report(args.inputs, out_dir)
+    log.info("wrote %s", path)
+    return {"report": path, "files": sorted(os.listdir(out_dir))}
+
+
+COMMANDS = {"compress": run_compress, "eval": run_eval, "report": run_report}
 
 
 def main(argv=None):
@@ -114,10 +174,11 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     _compress_parser(sub)
     _eval_parser(sub)
+    _report_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        result = run_compress(args) if args.command == "compress" else run_eval(args)
+        result = COMMANDS[args.command](args)
     except StreamResizeError as e:
         log.error("%s", e)
         return 2

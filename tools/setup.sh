@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
-"$PY" -m pip install -q --disable-pip-version-check -e ".[test,demo]"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[test,demo,plots]"
