@@ -175,7 +175,8 @@ class StreamingCompressor:
         self.manifest = Manifest.open(self.work_dir, self.signature, self.restart)
         placement = self.plan.placement
         log.info("placement: micro-batch %d sequences, activation cache on %s, prefetch %s, compute %s",
-                 placement.batch_size, placement.cache, placement.prefetch, str(self.compute_dtype)[6:])
+                 placement.batch_size, placement.cache, placement.prefetch,
+                 str(self.compute_dtype).replace("torch.", ""))
         self.cache = ActivationCache(self.work_dir, ids.shape[0], ids.shape[1], self.hidden, placement.cache,
                                      self.device, placement.batch_size)
         if self.manifest.state["current_cache"]:

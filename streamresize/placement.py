@@ -45,16 +45,19 @@ def machine_memory():
     return None
 
 
-def default_budgets(device):
-    """(GPU bytes, CPU bytes) when no option is given: the device's total memory, and a share of RAM.
-    Totals, not what is free now, so a resumed run plans the same micro-batch as the first."""
-    gpu = None
-    if device.type == "cuda":
-        import torch
+def default_gpu_budget(device):
+    """The GPU's total memory: a total, not what is free now, so a resumed run plans the same
+    micro-batch as the first."""
+    import torch
 
-        gpu = torch.cuda.get_device_properties(device).total_memory
+    if not torch.cuda.is_available():
+        raise StreamResizeError(f"{device}: no CUDA device here; pass --max-gpu-memory to plan for one")
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def default_cpu_budget():
     ram = machine_memory()
-    return gpu, int(ram * DEFAULT_CPU_SHARE) if ram else 64 * 2**30
+    return int(ram * DEFAULT_CPU_SHARE) if ram else 64 * 2**30
 
 
 @dataclass
@@ -136,10 +139,11 @@ def place(fp, device_type, gpu_budget, cpu_budget, max_batch, cache="auto", pref
     device_used = base + max(fp.step, fp.pass_fixed + batch * fp.per_sequence)
     host_used = HOST_BASE if on_gpu else device_used
 
+    pinned_cache = 3 * pinned_size(fp.cache // 3)
     if cache == "auto":
         if device_used + fp.cache <= usable:
             cache = "device"
-        elif on_gpu and host_used + fp.cache <= host_usable:
+        elif on_gpu and host_used + pinned_cache <= host_usable:
             cache = "pinned"
         else:
             cache = "disk"
@@ -148,18 +152,24 @@ def place(fp, device_type, gpu_budget, cpu_budget, max_batch, cache="auto", pref
     if cache == "device":
         device_used += fp.cache
     elif cache == "pinned":
-        host_used += fp.cache
+        host_used += pinned_cache
     if not on_gpu:
         host_used = device_used
 
     mode = "off"
     if prefetch:  # up to two blocks: the rest of the current one and all of the next
-        mode = "memory" if host_used + 2 * fp.block_stored <= host_usable else "page-cache"
-        host_used += 2 * fp.block_stored if mode == "memory" else 0
+        blocks = 2 * fp.block_stored * (2 if on_gpu else 1)  # pinned tensors: sizes rounded up
+        mode = "memory" if host_used + blocks <= host_usable else "page-cache"
+        host_used += blocks if mode == "memory" else 0
     if not on_gpu:
         device_used = host_used
     return Placement(batch_size=batch, cache=cache, prefetch=mode, device_bytes=device_used,
                      host_bytes=host_used if on_gpu else 0)
+
+
+def pinned_size(n):
+    """Pinned host memory comes from PyTorch's caching host allocator in powers of two."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 @dataclass
@@ -174,11 +184,13 @@ class MemoryOptions:
 
     def budgets(self, device):
         """(GPU bytes or None, CPU bytes): the options where given, else the defaults."""
-        gpu, cpu = default_budgets(device)
+        gpu = None
         if self.max_gpu_memory is not None:
             gpu = parse_size(self.max_gpu_memory, "--max-gpu-memory")
-        if self.max_cpu_memory is not None:
-            cpu = parse_size(self.max_cpu_memory, "--max-cpu-memory")
+        elif device.type == "cuda":
+            gpu = default_gpu_budget(device)
+        cpu = default_cpu_budget() if self.max_cpu_memory is None else parse_size(self.max_cpu_memory,
+                                                                                  "--max-cpu-memory")
         return gpu, cpu
 
     def describe(self, kind):

@@ -83,7 +83,7 @@ def make_plan(compressor, measure=False):
                 placement=placement, footprint=fp, micro_batch_bytes=placement.batch_size * fp.per_sequence,
                 cache_bytes=fp.cache, steps=steps, output_bytes=output, work_bytes=work,
                 disk=_disk_needs(c.out_dir, output, c.work_dir, work))
-    if measure:
+    if measure and (c.device.type != "cuda" or torch.cuda.is_available()):
         plan.throughput = measure_throughput(c.device, c.compute_dtype, eigh_size=min(d, 1024))
         for step in steps:
             step.seconds = estimate_seconds(step.flops, plan.throughput, d)
@@ -275,7 +275,9 @@ def format_plan(plan, compressor):
         lines.append(f"disk at {path}: needs {format_size(needed)} more, {format_size(free)} free: {verdict}")
     lines.append(f"  (output {format_size(plan.output_bytes)} in {plan.out_dir}; work dir "
                  f"{format_size(plan.work_bytes)} in {plan.work_dir}, removed at the end)")
-    if plan.throughput:
+    if not plan.throughput:
+        lines.append(f"time estimate: not measured ({plan.device} is not available here)")
+    else:
         t = plan.throughput
         compute = f"{t['compute'] / 1e9:.0f} GFLOP/s in {plan.compute_dtype}, " if plan.compute_dtype != "float32" else ""
         lines.append(f"time estimate from this device: matmul {compute}{t['float32'] / 1e9:.0f} GFLOP/s in float32, "

@@ -19,6 +19,8 @@ def resolve_compute_dtype(name, device):
     if name in (None, "auto"):
         if device.type != "cuda":
             return torch.float32
+        if not torch.cuda.is_available():  # planning for a GPU on a machine without one
+            return torch.bfloat16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name not in NAMES:
         raise StreamResizeError(f"--compute-dtype {name}: choose auto, {', '.join(NAMES)}")

@@ -32,10 +32,10 @@ from bench import write_section  # noqa: E402
 LOAD_WHOLE = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-from streamresize.memory import MemoryMonitor
-monitor = MemoryMonitor(0.01).start()
+from streamresize.memory import status_mb
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-print(monitor.run_peaks()["peak_anon_mb"])
+total = sum(float(p.double().sum()) for p in model.parameters())  # every weight resident, mapped or not
+print(status_mb()["hwm"])
 """
 
 
@@ -59,10 +59,23 @@ def model_facts(path):
             "hidden": reader.config["hidden_size"]}
 
 
-def measure(label, path, options, scratch, in_memory_up_to):
+def evict(path):
+    """Drop the checkpoint's pages from the page cache (this model's files only), so reads are cold."""
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            fd = os.open(os.path.join(path, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def measure(label, path, options, scratch, in_memory_up_to, cold):
     out = os.path.join(scratch, "out")
     sr = [sys.executable, "-m", "streamresize"]
     plan = json.loads(run(sr + ["plan", path, out, *options])[0].strip().splitlines()[-1])
+    if cold:
+        evict(path)
     stdout, wall = run(sr + ["compress", path, out, "--restart", *options])
     with open(os.path.join(out, "streamresize_run.json")) as f:
         log = json.load(f)
@@ -80,10 +93,15 @@ def measure(label, path, options, scratch, in_memory_up_to):
            "plan_device_bytes": plan["placement"]["device_bytes"]}
     row["whole_model_fp32_mb"] = facts["parameters"] * 4 / 2**20
     if in_memory_up_to and facts["parameters"] <= in_memory_up_to:
-        row["whole_model_measured_mb"] = float(run([sys.executable, "-c", LOAD_WHOLE, path],
-                                                   env={"PYTHONPATH": ROOT})[0].strip().splitlines()[-1])
+        row.update(whole_model(path))
     print(json.dumps(row), flush=True)
     return row
+
+
+def whole_model(path):
+    """Peak RSS of loading the model whole with transformers in float32 (a fresh process)."""
+    stdout, _ = run([sys.executable, "-c", LOAD_WHOLE, path], env={"PYTHONPATH": ROOT})
+    return {"whole_model_measured_mb": float(stdout.strip().splitlines()[-1])}
 
 
 def table(rows):
@@ -96,7 +114,7 @@ def table(rows):
         p = r["placement"]
         whole = f"{r['whole_model_fp32_mb'] / 1024:.1f} GiB"
         if "whole_model_measured_mb" in r:
-            whole += f" (measured load: {r['whole_model_measured_mb'] / 1024:.1f} GiB anonymous)"
+            whole += f" (loaded with transformers: peak RSS {r['whole_model_measured_mb'] / 1024:.1f} GiB)"
         cells = [r["label"], f"{r['parameters'] / 1e9:.2f} B", f"{r['block_parameters'] / 1e6:.0f} M",
                  f"{r['bytes_on_disk'] / 2**30:.2f} GiB",
                  f"{r['device']}, {r['compute_dtype']}, micro-batch {p['batch_size']}, cache {p['cache']}, "
@@ -120,15 +138,26 @@ def main():
     p.add_argument("--model", action="append", required=True, help="'LABEL::MODEL_DIR'")
     p.add_argument("--scratch", default=None, help="directory for the output and work dir (default: a temp dir)")
     p.add_argument("--in-memory-up-to", type=float, default=0, help="load whole models up to this many parameters")
+    p.add_argument("--cold", action="store_true", help="evict each checkpoint from the page cache before compressing")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    p.add_argument("--json", default=None, help="also save raw results here")
+    p.add_argument("--json", default=None, help="raw results, merged by label: the table shows every row in it")
+    p.add_argument("--whole-model-only", action="store_true",
+                   help="only (re)measure loading the models whole, into the rows already in --json")
     args = p.parse_args(argv)
 
-    rows = []
+    rows = {}
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            rows = {r["label"]: r for r in json.load(f)}
     for spec in args.model:
         label, path = spec.split("::", 1)
+        path = os.path.expanduser(path)
+        if args.whole_model_only:
+            rows[label].update(whole_model(path))
+            continue
         with tempfile.TemporaryDirectory(prefix="streamresize-bench-", dir=args.scratch) as scratch:
-            rows.append(measure(label, os.path.expanduser(path), options, scratch, args.in_memory_up_to))
+            rows[label] = measure(label, path, options, scratch, args.in_memory_up_to, args.cold)
+    rows = sorted(rows.values(), key=lambda r: r["parameters"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -138,7 +167,8 @@ def main():
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
     command = "python tools/bench_memory.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    lines = [f"### {args.title or args.section}", "", f"Machine: {machine}. Options: `{' '.join(options)}`.", "",
+    cold = " Checkpoints evicted from the page cache before each run (cold reads)." if args.cold else ""
+    lines = [f"### {args.title or args.section}", "", f"Machine: {machine}. Options: `{' '.join(options)}`.{cold}", "",
              *table(rows), "", f"Command: `{command}`"]
     write_section(args.out, args.section, "\n".join(lines))
 

@@ -33,12 +33,6 @@ STD = 0.02
 CHUNK_ELEMENTS = 1 << 24  # rows are generated in chunks of about this many values (64 MB in float32)
 
 
-def parse_size(text):
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    number = text.upper().rstrip("BIKMG")
-    return int(float(number) * units[text.upper()[len(number):]])
-
-
 def tensor_shapes(shape):
     """(name, shape) of every tensor, in the order Hugging Face writes a Llama checkpoint."""
     d, ff, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
@@ -118,7 +112,9 @@ def main():
     if os.path.exists(os.path.join(args.out, "model.safetensors.index.json")):
         sys.exit(f"{args.out}: already holds a checkpoint")
     os.makedirs(args.out, exist_ok=True)
-    shards = shard_plan(tensor_shapes(shape), parse_size(args.shard_size))
+    from streamresize.placement import parse_size
+
+    shards = shard_plan(tensor_shapes(shape), parse_size(args.shard_size, "--shard-size"))
     weight_map, total = {}, 0
     for n, group in enumerate(shards, 1):
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
