@@ -1,4 +1,5 @@
-"""Calibration and evaluation text: local files only, tokenized with the model's own tokenizer."""
+"""Calibration and evaluation text: local files only, tokenized with the model's own tokenizer, or
+random token ids (`--dataset random`) for checkpoints that come without a tokenizer."""
 
 import json
 import os
@@ -69,7 +70,35 @@ def sample_windows(stream, num_samples, seq_length, seed, source="dataset"):
     return np.stack([stream[s:s + seq_length] for s in starts])
 
 
+RANDOM = "random"
+
+
+def random_spec(paths):
+    """The seed of a `random` or `random:SEED` dataset (None: use the recipe's seed), or False."""
+    if len(paths) != 1 or not (paths[0] == RANDOM or paths[0].startswith(RANDOM + ":")):
+        return False
+    _, _, seed = paths[0].partition(":")
+    try:
+        return int(seed) if seed else None
+    except ValueError as e:
+        raise StreamResizeError(f"--dataset {paths[0]}: expected random or random:SEED (an integer)") from e
+
+
+def random_ids(model_dir, num_samples, seq_length, seed):
+    """Uniform random token ids over the model's vocabulary: no tokenizer needed. They exercise every
+    step of the engine (shapes, memory, time) but carry no language, so only for measuring runs."""
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path) as f:
+        vocab = json.load(f).get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise StreamResizeError(f"{config_path}: no vocab_size, needed for --dataset random")
+    return np.random.default_rng(seed).integers(0, vocab, size=(num_samples, seq_length), dtype=np.int64)
+
+
 def calibration_ids(model_dir, paths, num_samples, seq_length, seed):
+    random_seed = random_spec(paths)
+    if random_seed is not False:
+        return random_ids(model_dir, num_samples, seq_length, seed if random_seed is None else random_seed)
     tokenizer = load_tokenizer(model_dir)
     stream = token_stream(tokenizer, read_documents(paths))
     return sample_windows(stream, num_samples, seq_length, seed, source=", ".join(paths))

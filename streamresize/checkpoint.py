@@ -1,4 +1,8 @@
-"""Read a Hugging Face checkpoint directory one tensor at a time, never the whole model."""
+"""Read a Hugging Face checkpoint directory one tensor at a time, never the whole model.
+
+Tensors are read with plain file reads into fresh buffers (pinned ones when they go on to a GPU), not
+through a memory map: a 13 GB checkpoint then never shows up in this process's resident memory.
+"""
 
 import hashlib
 import json
@@ -6,7 +10,6 @@ import os
 import struct
 
 import torch
-from safetensors import safe_open
 
 from .errors import StreamResizeError
 
@@ -30,6 +33,11 @@ def read_safetensors_header(path):
         return json.loads(header)
     except (OSError, ValueError) as e:
         raise StreamResizeError(f"{path}: cannot read safetensors header: {e}") from e
+
+
+def header_length(path):
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
 
 
 class CheckpointReader:
@@ -59,7 +67,7 @@ class CheckpointReader:
                 raise StreamResizeError(
                     f"{os.path.join(self.model_dir, shard)}: tensor '{name}' has dtype {info['dtype']}; "
                     f"supported: {', '.join(SUPPORTED_DTYPES)}")
-        self._handles = {}
+        self._data_start = {}
 
     def _weight_map(self):
         index_path = os.path.join(self.model_dir, INDEX_NAME)
@@ -92,13 +100,35 @@ class CheckpointReader:
         first = next(iter(sorted(self.weight_map)))
         return SUPPORTED_DTYPES[self.headers[self.weight_map[first]][first]["dtype"]]
 
-    def get(self, name, dtype=None, device="cpu"):
+    def nbytes(self, name):
+        start, end = self.headers[self.weight_map[name]][name]["data_offsets"]
+        return end - start
+
+    def location(self, name):
+        """(shard path, byte offset, byte length) of a tensor's data."""
         if name not in self.weight_map:
             raise StreamResizeError(f"{self.model_dir}: tensor '{name}' not found in the checkpoint")
         shard = self.weight_map[name]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(os.path.join(self.model_dir, shard), framework="pt", device="cpu")
-        tensor = self._handles[shard].get_tensor(name)
+        path = os.path.join(self.model_dir, shard)
+        if shard not in self._data_start:
+            self._data_start[shard] = 8 + header_length(path)
+        start, end = self.headers[shard][name]["data_offsets"]
+        return path, self._data_start[shard] + start, end - start
+
+    def read(self, name, pin=False):
+        """The tensor as stored (dtype and shape), read straight from the shard file."""
+        path, start, length = self.location(name)
+        buffer = torch.empty(length, dtype=torch.uint8, pin_memory=pin)
+        with open(path, "rb") as f:
+            f.seek(start)
+            got = f.readinto(memoryview(buffer.numpy()))
+        if got != length:
+            raise StreamResizeError(f"{path}: truncated: tensor '{name}' needs {length} bytes, found {got}")
+        info = self.headers[self.weight_map[name]][name]
+        return buffer.view(SUPPORTED_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def get(self, name, dtype=None, device="cpu"):
+        tensor = self.read(name)
         if dtype is not None:
             tensor = tensor.to(dtype)
         return tensor.to(device)
@@ -126,7 +156,7 @@ class CheckpointReader:
         return total
 
     def close(self):
-        self._handles.clear()
+        self._data_start.clear()
 
 
 def parameter_count(model_dir):

@@ -1,4 +1,4 @@
-"""Command line: `streamresize compress`, `streamresize eval` and `streamresize report`."""
+"""Command line: `streamresize compress`, `plan`, `eval` and `report`."""
 
 import argparse
 import json
@@ -16,6 +16,23 @@ def _compress_parser(sub):
                        description="Compress MODEL_DIR (sharded safetensors) into OUT_DIR, streaming one block at a time.")
     p.add_argument("model_dir")
     p.add_argument("out_dir")
+    _run_options(p)
+    p.add_argument("--restart", action="store_true", help="discard an earlier unfinished run and start over")
+
+
+def _plan_parser(sub):
+    p = sub.add_parser("plan", help="memory, disk and time a compression will need, before loading any weight",
+                       description="Print per step the bytes read, activation cache, micro-batch and statistics "
+                                   "memory, the placement, the disk needed for OUT_DIR and the work dir (checked "
+                                   "against free space) and a time estimate from this device's measured "
+                                   "throughput; takes the same options as compress. The last line is JSON.")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir", nargs="?", help="where the output would go (default: MODEL_DIR's name + "
+                                              "'-streamresize' in the current directory)")
+    _run_options(p)
+
+
+def _run_options(p):
     p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); options given here override it")
     p.add_argument("--method", help="width method: pca (SliceGPT-style rotate-and-slice), prune (keep the "
                                     "support, drop the rest), dotresize (merge the rest back by optimal transport), "
@@ -50,7 +67,8 @@ def _compress_parser(sub):
                         "disp: refit=true (least-squares refit of kept weights), curve_samples=32, curve_points=8, "
                         "learn_steps=200, learn_lr=1e-3, learn_lambda=6, learn_tau=0.5, learn_batch=1, learn_seq=256")
     p.add_argument("--dataset", nargs="+", help="calibration text: local .txt (documents split at blank lines) "
-                                                "or .jsonl (a 'text' field per line)")
+                                                "or .jsonl (a 'text' field per line); or 'random' / 'random:SEED': "
+                                                "uniform random token ids, no tokenizer needed (for measuring runs)")
     p.add_argument("--num-calibration-samples", type=int, help="calibration sequences (default 128)")
     p.add_argument("--max-seq-length", type=int, help="tokens per calibration sequence (default 2048)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
@@ -59,8 +77,21 @@ def _compress_parser(sub):
     p.add_argument("--width-multiple", type=int, help="round kept widths down to a multiple of this (default 8)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default: the input's)")
+    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the block's own computation; statistics are always float64 (default: "
+                        "bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--work-dir", help="scratch directory (default: OUT_DIR.streamresize-work beside the output)")
-    p.add_argument("--restart", action="store_true", help="discard an earlier unfinished run and start over")
+    p.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="GPU memory the run may use, e.g. 20GiB or 12GB (default: the GPU's total); sets the "
+                        "micro-batch and whether the activation cache fits on the GPU")
+    p.add_argument("--max-cpu-memory", metavar="SIZE",
+                   help="RAM the run may use, e.g. 3GiB (default: 80%% of RAM); on the CPU sets the micro-batch, "
+                        "and decides whether the activation cache and the prefetched block are kept in RAM")
+    p.add_argument("--cache-location", choices=["auto", "device", "pinned", "disk"], default="auto",
+                   help="where the activation cache lives: the compute device's memory, pinned host memory "
+                        "(GPU runs), or memory-mapped files (default auto: the fastest that fits the budgets)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="read each block's tensors when needed, not in a background thread during the previous block")
 
 
 def _eval_parser(sub):
@@ -109,7 +140,7 @@ def _report_parser(sub):
 
 RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "target_size", "mlp_ratio", "mlp_method", "basis",
                   "allocation", "head", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
-                  "device", "seed", "width_multiple", "dtype")
+                  "device", "seed", "width_multiple", "dtype", "compute_dtype")
 
 
 def parse_options(pairs):
@@ -125,13 +156,37 @@ def parse_options(pairs):
     return options
 
 
-def run_compress(args):
-    from .engine import compress
+def _recipe_and_memory(args):
+    from .placement import MemoryOptions
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, {k: getattr(args, k) for k in RECIPE_OPTIONS}, parse_options(args.option))
+    memory = MemoryOptions(max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
+                           cache_location=args.cache_location, prefetch=not args.no_prefetch)
+    return recipe, memory
+
+
+def run_compress(args):
+    from .engine import compress
+
+    recipe, memory = _recipe_and_memory(args)
     log.info("compressing %s -> %s with %s", args.model_dir, args.out_dir, recipe.resolved())
-    return compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart)
+    return compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart, memory=memory)
+
+
+def run_plan(args):
+    import os
+
+    from .engine import StreamingCompressor
+    from .plan import check_disk, format_plan, make_plan
+
+    recipe, memory = _recipe_and_memory(args)
+    out_dir = args.out_dir or os.path.join(os.getcwd(), os.path.basename(os.path.abspath(args.model_dir)) + "-streamresize")
+    compressor = StreamingCompressor(args.model_dir, out_dir, recipe, work_dir=args.work_dir, memory=memory)
+    plan = make_plan(compressor, measure=True)
+    print(format_plan(plan, compressor), flush=True)
+    check_disk(plan)
+    return plan.as_dict()
 
 
 def run_eval(args):
@@ -166,13 +221,14 @@ def run_report(args):
     return {"report": path, "files": sorted(os.listdir(out_dir))}
 
 
-COMMANDS = {"compress": run_compress, "eval": run_eval, "report": run_report}
+COMMANDS = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "report": run_report}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="streamresize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _compress_parser(sub)
+    _plan_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
     args = parser.parse_args(argv)

@@ -32,6 +32,12 @@ INDEX_NAMES = ("attn_in_index", "attn_out_index", "mlp_in_index", "mlp_out_index
 class DispCompressor(StreamingCompressor):
     known_options = set(disp.DEFAULTS) | set(disp_learned.DEFAULTS)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Selection compares index sets chosen from sums of squares; keep the block in float32 on every
+        # device so those choices do not depend on the compute precision.
+        self.compute_dtype = torch.float32
+
     def _choose_widths(self):
         r, c = self.recipe, self.source_config
         disp.check_allocation(r.allocation)

@@ -28,8 +28,10 @@ from .budget import widths_for_target
 from .cache import ActivationCache
 from .calibration import calibration_ids
 from .checkpoint import INDEX_NAME, CheckpointReader
+from .commit import BackgroundCommit
 from .errors import StreamResizeError
 from .manifest import Manifest
+from .memory import MemoryMonitor
 from .methods import method_defaults, solver, target_width
 from .modeling.modeling_streamresize import (
     MODEL_TYPE,
@@ -38,10 +40,14 @@ from .modeling.modeling_streamresize import (
     attention_inputs,
     family_classes,
 )
+from .placement import MemoryOptions
+from .plan import check_disk, make_plan
+from .precision import compute_in, exact_float32_matmuls, resolve_compute_dtype
+from .prefetch import Prefetcher
 from .statistics import PointStatistics, pca_error, relative_error
 from .methods.dotresize import DEFAULTS as DOTRESIZE_DEFAULTS
 from .methods.neurons import narrow_mlp
-from .transforms import fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
+from .transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
 from .writer import ShardWriter, atomic_write_json
 
 RUN_LOG = "streamresize_run.json"  # timings and memory; the one output file that differs between runs
@@ -82,20 +88,18 @@ class StreamingCompressor:
 
     known_options = set(DOTRESIZE_DEFAULTS) | {"reader", "mlp_reader", "rotate_full_width"}
 
-    def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False):
+    def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None):
         self.model_dir = os.path.abspath(model_dir)
         self.out_dir = os.path.abspath(out_dir)
         self.work_dir = os.path.abspath(work_dir or default_work_dir(out_dir))
         self.recipe = recipe
         self.restart = restart
+        self.memory = memory or MemoryOptions()  # budgets, cache location, prefetch: not in the recipe
         if _inside(self.out_dir, self.model_dir) or _inside(self.model_dir, self.out_dir):
             raise StreamResizeError(f"{self.out_dir}: the output must not be the model directory or inside it")
         for other in (self.out_dir, self.model_dir):
             if _inside(self.work_dir, other):
                 raise StreamResizeError(f"{self.work_dir}: the work dir must not be inside {other}")
-        if not recipe.dataset:
-            raise StreamResizeError("no calibration text: pass --dataset FILE (.txt or .jsonl)")
-
         self.reader = CheckpointReader(self.model_dir)
         config_path = os.path.join(self.model_dir, "config.json")
         self.family = family_for(self.reader.config, config_path)
@@ -107,6 +111,7 @@ class StreamingCompressor:
         self.num_layers = c["num_hidden_layers"]
         self.source_config.setdefault("head_dim", self.hidden // c["num_attention_heads"])
         self.device = resolve_device(recipe.device)
+        self.compute_dtype = resolve_compute_dtype(recipe.compute_dtype, self.device)
         self.solve = solver(recipe.method)
         self.out_dtype = self.reader.dtype if recipe.dtype == "auto" else DTYPES[recipe.dtype]
         self.mlp_method = recipe.mlp_method if recipe.mlp_method != "auto" else (
@@ -148,12 +153,16 @@ class StreamingCompressor:
     # ---- set-up -----------------------------------------------------------------------------
 
     def _prepare(self):
+        if not self.recipe.dataset:
+            raise StreamResizeError("no calibration text: pass --dataset FILE (.txt or .jsonl) or --dataset random")
         if os.path.exists(os.path.join(self.out_dir, INDEX_NAME)) and not self.restart \
                 and not os.path.exists(os.path.join(self.work_dir, "manifest.json")):
             raise StreamResizeError(
                 f"{self.out_dir}: already holds a finished checkpoint; choose another output or pass --restart")
         if self.restart and os.path.isdir(self.work_dir):
             shutil.rmtree(self.work_dir)
+        self.plan = make_plan(self)  # memory placement and disk needs, from shapes alone
+        check_disk(self.plan)
         os.makedirs(self.work_dir, exist_ok=True)
         r = self.recipe
         ids = calibration_ids(self.model_dir, r.dataset, r.num_calibration_samples, r.max_seq_length, r.seed)
@@ -167,7 +176,18 @@ class StreamingCompressor:
             "version": __version__,
         }
         self.manifest = Manifest.open(self.work_dir, self.signature, self.restart)
-        self.cache = ActivationCache(self.work_dir, ids.shape[0], ids.shape[1], self.hidden)
+        placement = self.plan.placement
+        log.info("placement: micro-batch %d sequences, activation cache on %s, prefetch %s, compute %s",
+                 placement.batch_size, placement.cache, placement.prefetch,
+                 str(self.compute_dtype).replace("torch.", ""))
+        self.cache = ActivationCache(self.work_dir, ids.shape[0], ids.shape[1], self.hidden, placement.cache,
+                                     self.device, placement.batch_size)
+        if self.manifest.state["current_cache"]:
+            self.cache.restore(self.manifest.state["current_cache"])
+        self.prefetcher = Prefetcher(self.model_dir, self._group_names, keep=placement.prefetch == "memory",
+                                     pin=self.device.type == "cuda", enabled=placement.prefetch != "off")
+        if self.device.type == "cuda":
+            exact_float32_matmuls()
         self.writer = ShardWriter(self.out_dir, self.out_dtype)
         self.writer.clear_completion_marker()
         for name, sha in self.manifest.state["shards"].items():
@@ -193,10 +213,21 @@ class StreamingCompressor:
     # ---- helpers ------------------------------------------------------------------------------
 
     def _weight(self, name):
-        return self.reader.get(name, torch.float32, self.device)
+        return self.prefetcher.get(name, torch.float32, self.device)
 
     def _block_weight(self, layer, role):
+        self.prefetcher.schedule(layer + 1)  # the next block reads from disk while this one computes
         return self._weight(self.family.block_name(layer, role) + ".weight")
+
+    def _group_names(self, layer):
+        """Tensors read for block `layer`; past the last block, those of the head step."""
+        if layer < self.num_layers:
+            prefix = self.family.block.format(i=layer)
+            return sorted(n for n in self.reader.weight_map if n.startswith(prefix))
+        if layer == self.num_layers:
+            head = self.family.head if self.reader.has(self.family.head) else self.family.embedding
+            return [self.family.final_norm] + ([head] if not self.tied_head else [])
+        return []
 
     def _calibration_layer(self, i, k_in, weights):
         """Block i built by the output's own layer code, reading k_in columns; its writers stay
@@ -208,12 +239,16 @@ class StreamingCompressor:
         with torch.device("meta"):
             layer = StreamResizeDecoderLayer(config, i)
         self._set_weights(layer, weights)
-        return layer.requires_grad_(False).eval()
+        return compute_in(layer.requires_grad_(False).eval(), self.compute_dtype)
 
-    @staticmethod
-    def _set_weights(layer, weights):
+    def _as_output(self, tensors):
+        """Float64 transforms cast to the output dtype once nothing else reads them: the same bytes
+        the shard gets, at a quarter of the memory for a bf16 output."""
+        return {name: w.to(self.out_dtype) for name, w in tensors.items()}
+
+    def _set_weights(self, layer, weights):
         for role, w in weights.items():
-            layer.get_submodule(role).weight = torch.nn.Parameter(w.float(), requires_grad=False)
+            layer.get_submodule(role).weight = torch.nn.Parameter(w.to(self.compute_dtype), requires_grad=False)
 
     def _basis_path(self, step):
         return os.path.join(self.work_dir, f"basis-{step}.safetensors")
@@ -279,9 +314,24 @@ class StreamingCompressor:
         if basis is not None:
             self._save_basis(step, basis, reader)
         crash_point(step, "committing")
-        self.manifest.record(step + 1, next_cache, {shard_name: sha}, {k: shard_name for k in tensors}, entry)
-        if os.path.exists(self._basis_path(step - 1)):
-            os.remove(self._basis_path(step - 1))
+        self.committer.join()  # the previous step is committed before this one
+        now = time.time()
+        entry.update(self.monitor.step_peaks(), step_seconds=now - self._step_started,
+                     read_wait_seconds=self.prefetcher.take_wait_seconds(),
+                     commit_wait_seconds=self.committer.take_wait_seconds())
+        self._step_started = now
+        self.manifest.update(step + 1, next_cache, {shard_name: sha}, {k: shard_name for k in tensors}, entry)
+        state = self.manifest.serialize()
+        persist = self.cache.persist_later(next_cache, basis.shape[1] if basis is not None else self.hidden)
+        old_basis = self._basis_path(step - 1)
+
+        def commit():  # in the background, while the next block computes
+            persist()  # an in-memory cache's file: the resume state
+            self.manifest.save(state)
+            if os.path.exists(old_basis):
+                os.remove(old_basis)
+
+        self.committer.start(commit)
 
     def _embed_calibration(self, embedding, view):
         """Embedding output of every calibration sequence into `view`; returns point 0's statistics."""
@@ -329,6 +379,7 @@ class StreamingCompressor:
         readers = {r: rotate_reader(fold_norm(self._block_weight(i, r), attn_norm), reader_in) for r in f.attn_readers}
         w_o, w_down = self._block_weight(i, f.attn_writer), self._block_weight(i, f.mlp_writer)
         layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, f.mlp_writer: w_down, **readers})
+        readers = self._as_output(readers)  # the layer holds its own copies; keep only what is written
 
         # Pass A: attention, signals at the post-attention point (full width) -> scratch.
         progress.set_postfix_str(f"block {i}: calibrating attention")
@@ -357,6 +408,7 @@ class StreamingCompressor:
         if self.intermediate_sizes[i] < self.source_config["intermediate_size"]:
             progress.set_postfix_str(f"block {i}: narrowing MLP neurons")
             mlp_readers, w_down, mlp_point = self._narrow_mlp(i, layer, scratch, basis_attn_f, mlp_readers, w_down)
+        mlp_readers = self._as_output(mlp_readers)
 
         # Pass B: MLP on the narrowed post-attention residual; output-point signals -> target.
         progress.set_postfix_str(f"block {i}: calibrating MLP")
@@ -377,6 +429,7 @@ class StreamingCompressor:
         self.cache.project_in_place(target, basis_out, self.recipe.batch_size, self.device)
 
         progress.set_postfix_str(f"block {i}: writing")
+        del layer  # its weights are copies; free them before the float64 writers are made
         prefix = f"model.layers.{i}."
         tensors = {prefix + r + ".weight": w for r, w in {**readers, **mlp_readers}.items()}
         tensors[prefix + "self_attn.o_proj.weight"] = rotate_writer(w_o, basis_attn)
@@ -390,9 +443,10 @@ class StreamingCompressor:
                  "seconds": time.time() - start, "peak_rss_mb": rss, "peak_gpu_mb": gpu}
         self._finish_step(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, reader_out, entry)
         log.info("block %d/%d: widths %d->%d->%d (MLP %d), local error attn %.4f mlp %.4f (pca %.4f %.4f), "
-                 "%.1fs, peak RSS %.0f MB%s", i + 1, self.num_layers, k_in, point_attn["width"], point_mlp["width"],
-                 self.intermediate_sizes[i], point_attn["local_error"], point_mlp["local_error"],
-                 point_attn["pca_error"], point_mlp["pca_error"], entry["seconds"], rss,
+                 "%.1fs (waited %.1fs on reads), peak RSS %.0f MB (anonymous %.0f, file %.0f)%s", i + 1,
+                 self.num_layers, k_in, point_attn["width"], point_mlp["width"], self.intermediate_sizes[i],
+                 point_attn["local_error"], point_mlp["local_error"], point_attn["pca_error"], point_mlp["pca_error"],
+                 entry["seconds"], entry["read_wait_seconds"], rss, entry["peak_anon_mb"], entry["peak_file_mb"],
                  f", GPU {gpu:.0f} MB" if gpu else "")
 
     def _before_blocks(self, progress, first):
@@ -472,12 +526,38 @@ class StreamingCompressor:
             basis_0 = load_file(os.path.join(self.work_dir, "basis-embedding.safetensors"))["basis"].to(self.device)
             return {"head_adapter.weight": rotate_reader(fold_norm(basis_0.T, scale), reader_last)}
         head = self._weight(f.head if self.reader.has(f.head) else f.embedding)
-        return {"lm_head.weight": rotate_reader(fold_norm(head, scale), reader_last)}
+        return {"lm_head.weight": by_rows(lambda rows: rotate_reader(fold_norm(rows, scale), reader_last), head)}
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self):
-        start = time.time()
+        start = self._step_started = time.time()
+        self.monitor = MemoryMonitor().start()
+        self.committer = BackgroundCommit()
+        try:
+            return self._run(start)
+        except torch.cuda.OutOfMemoryError as e:
+            raise StreamResizeError(self._out_of_memory_message(e)) from e
+        finally:
+            self.committer.join(raise_errors=False)  # a commit in flight completes: its state is consistent
+            if getattr(self, "prefetcher", None) is not None:
+                self.prefetcher.close()
+            self.monitor.stop()
+
+    def _out_of_memory_message(self, error):
+        step = self.manifest.next_block if getattr(self, "manifest", None) else None
+        where = f"at block {step}" if step is not None and step >= 0 else "before the first block"
+        placement = self.plan.placement if getattr(self, "plan", None) else None
+        planned = (f"; the plan used a micro-batch of {placement.batch_size} sequences with the activation cache "
+                   f"on {placement.cache}") if placement else ""
+        if self.device.type == "cuda":
+            return (f"{self.device}: out of memory {where}{planned}. Lower --max-gpu-memory (now "
+                    f"{self.memory.describe('gpu')}) so the planner picks a smaller micro-batch and moves the "
+                    f"cache off the GPU, or lower --batch-size; the run resumes where it stopped. ({error})")
+        return (f"out of CPU memory {where}{planned}. Lower --max-cpu-memory (now {self.memory.describe('cpu')}) "
+                f"or --batch-size; the run resumes where it stopped. ({error})")
+
+    def _run(self, start):
         self._prepare()
         first = self.manifest.next_block
         if first > -1:
@@ -485,6 +565,7 @@ class StreamingCompressor:
         progress = tqdm(total=self.num_layers + 1, initial=first + 1, desc="compressing", unit="step",
                         disable=not sys.stderr.isatty(), file=sys.stderr)
         with progress:
+            self.prefetcher.schedule(max(first, 0))
             self._before_blocks(progress, first)
             if first == -1:
                 self._embedding_step(progress)
@@ -493,6 +574,7 @@ class StreamingCompressor:
                 self._block_step(i, progress)
                 progress.update(1)
             progress.set_postfix_str("writing head")
+            self.committer.join()
             head = self._head_step()
             sha = self.writer.write_shard("model-head.safetensors", head)
         weight_map = dict(self.manifest.state["weight_map"])
@@ -534,6 +616,8 @@ class StreamingCompressor:
         rss, gpu = peak_memory_mb(self.device)
         run_log = {"source": self.model_dir, "seconds": seconds, "peak_rss_mb": rss, "peak_gpu_mb": gpu,
                    "device": str(self.device),
+                   **self.monitor.run_peaks(), "placement": self.plan.placement.as_dict(),
+                   "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
                    "steps": [{k: v for k, v in step.items() if k != "points"} for step in steps]}
         atomic_write_json(os.path.join(self.out_dir, RUN_LOG), run_log)
         self.writer.finish(self.model_dir, config, weight_map, total_bytes)
@@ -550,9 +634,9 @@ class StreamingCompressor:
         return {}
 
 
-def compress(model_dir, out_dir, recipe, work_dir=None, restart=False):
+def compress(model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None):
     if recipe.method == "disp":
         from .disp_engine import DispCompressor
 
-        return DispCompressor(model_dir, out_dir, recipe, work_dir, restart).run()
-    return StreamingCompressor(model_dir, out_dir, recipe, work_dir, restart).run()
+        return DispCompressor(model_dir, out_dir, recipe, work_dir, restart, memory).run()
+    return StreamingCompressor(model_dir, out_dir, recipe, work_dir, restart, memory).run()

@@ -4,7 +4,7 @@ import json
 import os
 
 from .errors import StreamResizeError
-from .writer import atomic_write_json
+from .writer import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 
@@ -40,9 +40,20 @@ class Manifest:
         return self.state["next_block"]
 
     def record(self, next_block, current_cache, shards, weight_map, log_entry):
+        self.update(next_block, current_cache, shards, weight_map, log_entry)
+        self.save(self.serialize())
+
+    def update(self, next_block, current_cache, shards, weight_map, log_entry):
+        """The state in memory only; `save` makes it the commit point."""
         self.state["next_block"] = next_block
         self.state["current_cache"] = current_cache
         self.state["shards"].update(shards)
         self.state["weight_map"].update(weight_map)
         self.state["log"].append(log_entry)
-        atomic_write_json(self.path, self.state)
+
+    def serialize(self):
+        return (json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode()
+
+    def save(self, data):
+        """Replace the file atomically with `data` (from `serialize`, possibly taken earlier)."""
+        atomic_write_bytes(self.path, data)

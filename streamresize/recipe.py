@@ -30,6 +30,7 @@ class Recipe:
     seed: int = 0
     width_multiple: int = 8
     dtype: str = "auto"  # output dtype: auto = the input checkpoint's
+    compute_dtype: str = "auto"  # the block's own compute: auto = bfloat16 on a GPU, float32 on the CPU
     method_options: dict = field(default_factory=dict)
 
     def resolved(self):

@@ -2,30 +2,63 @@
 
 A method only decides a basis Q (d x k, orthonormal columns) per transform
 point; the residual then carries h Q. Weights are PyTorch `nn.Linear` weights
-(out x in), transformed in float64.
+(out x in), transformed in float64. A pruning basis (columns of the identity)
+is applied by indexing, which gives the same numbers without a d x k product.
 """
 
 import torch
 
+ROWS = 4096  # rows per block when a vocabulary-sized matrix is transformed
+
+
+def selected_columns(basis):
+    """The indices i_j if column j of `basis` is the identity column e_{i_j} (a pruning basis), else None."""
+    nonzero = basis != 0
+    if not bool((nonzero.sum(0) == 1).all()):
+        return None
+    index = nonzero.to(torch.uint8).argmax(0)
+    if not bool((basis[index, torch.arange(basis.shape[1], device=basis.device)] == 1).all()):
+        return None
+    return index
+
 
 def fold_norm(reader_weight, norm_weight):
     """A reader of RMSNorm(h) * g becomes a reader of the weightless RMSNorm(h)."""
-    return reader_weight.double() * norm_weight.double()[None, :]
+    return reader_weight.to(torch.float64, copy=True).mul_(norm_weight.double()[None, :])
 
 
 def rotate_reader(weight, basis):
     """A linear reading the residual (out x d) reads the narrowed residual: W Q (out x k)."""
+    index = selected_columns(basis)
+    if index is not None:
+        return weight[:, index].double()
     return weight.double() @ basis
 
 
 def rotate_writer(weight, basis):
     """A linear writing into the residual (d x in) writes the narrowed residual: Qᵀ W (k x in)."""
+    index = selected_columns(basis)
+    if index is not None:
+        return weight[index].double()
     return basis.T @ weight.double()
+
+
+def by_rows(transform, weight, rows=ROWS):
+    """transform(weight) computed a block of rows at a time, for a transform that acts on each row
+    alone: a vocabulary-sized matrix never has a whole float64 copy besides the result."""
+    first = transform(weight[:rows])
+    if weight.shape[0] <= rows:
+        return first
+    out = first.new_empty((weight.shape[0], *first.shape[1:]))
+    out[:rows] = first
+    for start in range(rows, weight.shape[0], rows):
+        out[start:start + rows] = transform(weight[start:start + rows])
+    return out
 
 
 def rotate_embedding(embedding, basis):
     """Embedding rows are writers into point 0: E Q (vocab x k)."""
-    return embedding.double() @ basis
+    return by_rows(lambda rows: rotate_reader(rows, basis), embedding)
 
 
 def shortcut(previous_basis, next_basis):
