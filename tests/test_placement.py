@@ -8,6 +8,7 @@ import os
 import random
 
 import pytest
+import torch
 from helpers import CALIB, cli, compress_args
 from safetensors import safe_open
 
@@ -177,3 +178,15 @@ def test_memory_options_are_not_part_of_the_recipe(tiny_model, texts, tmp_path):
     a = _compressor(tiny_model, tmp_path / "a", texts, MemoryOptions(max_cpu_memory="64GiB"))
     b = _compressor(tiny_model, tmp_path / "a", texts, MemoryOptions(max_cpu_memory="2GiB", cache_location="disk"))
     assert a.recipe.digest() == b.recipe.digest()
+
+
+def test_plan_for_a_gpu_from_a_machine_without_one(tiny_model, texts, tmp_path):
+    """`plan --device cuda --max-gpu-memory ...` works before a GPU is at hand (no weights, no CUDA)."""
+    compressor = _compressor(tiny_model, tmp_path / "out", texts, MemoryOptions(max_gpu_memory="12GB"), device="cuda")
+    plan = make_plan(compressor, measure=True)
+    assert compressor.compute_dtype in (torch.bfloat16, torch.float16)
+    assert plan.placement.cache == "device" and plan.budgets["gpu"] == 12 * 10**9
+    if not torch.cuda.is_available():
+        assert plan.throughput is None and plan.seconds is None
+        with pytest.raises(StreamResizeError, match="--max-gpu-memory"):
+            make_plan(_compressor(tiny_model, tmp_path / "out", texts, device="cuda"))

@@ -56,7 +56,7 @@ def model_facts(path):
     on_disk = sum(reader.nbytes(n) for n in reader.weight_map)
     return {"parameters": reader.parameter_count(), "bytes_on_disk": on_disk,
             "block_parameters": block_parameters(reader.config), "layers": reader.config["num_hidden_layers"],
-            "hidden": reader.config["hidden_size"]}
+            "hidden": reader.config["hidden_size"], "vocab": reader.config["vocab_size"]}
 
 
 def evict(path):
@@ -106,16 +106,18 @@ def whole_model(path):
 
 def table(rows):
     gpu = any(r["peak_gpu_mb"] for r in rows)
-    head = ["model", "parameters", "block parameters", "on disk", "placement", "peak anonymous RSS",
+    head = ["model", "parameters", "layers", "largest step (parameters)", "on disk", "placement", "peak anonymous RSS",
             "peak file-backed RSS", "peak RSS", *(["peak GPU"] if gpu else []), "per block (median)", "total",
             "waiting on disk", "plan estimate", "whole model in RAM (fp32)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         p = r["placement"]
-        whole = f"{r['whole_model_fp32_mb'] / 1024:.1f} GiB"
+        whole = f"{r['whole_model_fp32_mb'] / 1024:.1f} GiB ({r['bytes_on_disk'] / 2**30:.1f} GiB as stored)"
         if "whole_model_measured_mb" in r:
             whole += f" (loaded with transformers: peak RSS {r['whole_model_measured_mb'] / 1024:.1f} GiB)"
-        cells = [r["label"], f"{r['parameters'] / 1e9:.2f} B", f"{r['block_parameters'] / 1e6:.0f} M",
+        step = (f"block {r['block_parameters'] / 1e6:.0f} M" if r["block_parameters"] >= r["vocab"] * r["hidden"]
+                else f"vocabulary {r['vocab'] * r['hidden'] / 1e6:.0f} M (block {r['block_parameters'] / 1e6:.0f} M)")
+        cells = [r["label"], f"{r['parameters'] / 1e9:.2f} B", str(r["layers"]), step,
                  f"{r['bytes_on_disk'] / 2**30:.2f} GiB",
                  f"{r['device']}, {r['compute_dtype']}, micro-batch {p['batch_size']}, cache {p['cache']}, "
                  f"prefetch {p['prefetch']}",
@@ -135,7 +137,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--section", required=True)
     p.add_argument("--title", default=None)
-    p.add_argument("--model", action="append", required=True, help="'LABEL::MODEL_DIR'")
+    p.add_argument("--model", action="append", default=[], help="'LABEL::MODEL_DIR' (none: only redraw the table from --json)")
     p.add_argument("--scratch", default=None, help="directory for the output and work dir (default: a temp dir)")
     p.add_argument("--in-memory-up-to", type=float, default=0, help="load whole models up to this many parameters")
     p.add_argument("--cold", action="store_true", help="evict each checkpoint from the page cache before compressing")
