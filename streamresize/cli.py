@@ -122,6 +122,8 @@ def _eval_parser(sub):
     p.add_argument("--new-tokens", type=int, default=32, help="speed: greedily generated tokens (default 32)")
     p.add_argument("--speed-batch-size", type=int, default=1, help="speed: sequences per batch (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="speed: runs per model, median taken (default 5)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a busy "
+                                               "machine fewer threads than cores keeps timings steady")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="JSON result file (default: streamresize_eval.json in MODEL_DIR when it is a "
@@ -193,6 +195,10 @@ def run_eval(args):
     from .engine import resolve_device
     from .evaluate import default_output, evaluate, format_table, save_result
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     speed = None
     if args.speed:
         speed = {"batch_size": args.speed_batch_size, "prompt_length": args.prompt_length,

@@ -179,7 +179,7 @@ def format_table(result):
     speed = result.get("speed")
     if speed:
         lines.append(f"speed        {speed['device']}, batch {speed['batch_size']}, prompt {speed['prompt_length']}, "
-                     f"{speed['new_tokens']} new tokens, median of {speed['repeats']}")
+                     f"{speed['new_tokens']} new tokens, median of {speed['repeats']}, {speed['threads']} threads")
         lines.append(f"  {'':8} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak MB':>9} {'weights MB':>11}")
         for label, s in speed["models"].items():
             line = (f"  {label:8} {s['prefill_tokens_per_s']:14.1f} {_number(s['decode_tokens_per_s'], 1):>13} "

@@ -165,7 +165,9 @@ def plot_output(plt, output, out_dir):
         files.append(_save(fig, os.path.join(out_dir, f"{name}-widths.png")))
         plt.close(fig)
     errors = {k: [(r["point"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in PLOTTED_ERRORS}
-    mlp_errors = [(r["block"], r["mlp_local_error"]) for r in block_rows if isinstance(r.get("mlp_local_error"), float)]
+    mlp_errors = {k: [(r["block"], r[f"mlp_{k}"]) for r in block_rows if isinstance(r.get(f"mlp_{k}"), (int, float))]
+                  for k in PLOTTED_ERRORS}
+    mlp_errors = {k: v for k, v in mlp_errors.items() if v}
     if any(errors.values()) or mlp_errors:
         fig, axes = plt.subplots(1, 2 if mlp_errors else 1, figsize=(10 if mlp_errors else 6, 3.5), squeeze=False)
         for key, series in errors.items():
@@ -173,8 +175,10 @@ def plot_output(plt, output, out_dir):
                 axes[0][0].plot(*zip(*series), marker="o", ms=3, label=PLOTTED_ERRORS[key])
         axes[0][0].set(title="local relative error per point", xlabel="point", ylabel="relative error")
         axes[0][0].legend()
+        for key, series in mlp_errors.items():
+            axes[0][1].plot(*zip(*series), marker="o", ms=3, label=PLOTTED_ERRORS[key])
         if mlp_errors:
-            axes[0][1].plot(*zip(*mlp_errors), marker="o", ms=3)
+            axes[0][1].legend()
             axes[0][1].set(title="MLP narrowing error per block", xlabel="block", ylabel="relative error")
         files.append(_save(fig, os.path.join(out_dir, f"{name}-errors.png")))
         plt.close(fig)
@@ -270,7 +274,7 @@ def _speed_table(speed):
     rows = [{"model": label, **values} for label, values in speed.get("models", {}).items()]
     note = (f"Batch {speed.get('batch_size')}, prompt {speed.get('prompt_length')} tokens, "
             f"{speed.get('new_tokens')} greedy tokens, median of {speed.get('repeats')} interleaved runs on "
-            f"{speed.get('device')}.")
+            f"{speed.get('device')}" + (f", {speed['threads']} threads" if speed.get("threads") else "") + ".")
     return note + "\n\n" + table(rows, first=("model",))
 
 

@@ -115,6 +115,7 @@ def compare_speed(models, vocab_size, reference=None, batch_size=1, prompt_lengt
         working = [r[2] for r in runs[label] if r[2] is not None]
         weights = weights_mb(model)
         results[label] = {
+            "runs_s": [[round(r[0], 6), round(r[1], 6)] for r in runs[label]],  # (prefill, decode): the spread
             "prefill_tokens_per_s": batch_size * prompt_length / prefill,
             "decode_tokens_per_s": batch_size * new_tokens / decode if new_tokens else None,
             "weights_mb": weights,
@@ -124,5 +125,6 @@ def compare_speed(models, vocab_size, reference=None, batch_size=1, prompt_lengt
         for ratio, key in RATIOS.items():
             if speed[key] is not None and results[reference][key]:
                 speed[ratio] = speed[key] / results[reference][key]
-    return {"device": str(device), "reference": reference, "batch_size": batch_size, "prompt_length": prompt_length,
-            "new_tokens": new_tokens, "repeats": repeats, "models": results}
+    return {"device": str(device), "threads": torch.get_num_threads(), "reference": reference,
+            "batch_size": batch_size, "prompt_length": prompt_length, "new_tokens": new_tokens, "repeats": repeats,
+            "models": results}
