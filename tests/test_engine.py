@@ -119,9 +119,16 @@ def test_resumed_run_is_byte_identical(tiny_model, texts, tmp_path, crash_at):
                   env={"STREAMRESIZE_CRASH_AT": crash_at}, check=False)
     assert crashed.returncode == 75, crashed.stderr
     assert not (out / "model.safetensors.index.json").exists(), "a partial output must not be marked complete"
+    # The previous step commits in the background, so a power cut may land before or after that commit:
+    # the manifest on disk says which, and the resumed run must start exactly there.
+    manifest = os.path.join(str(out) + ".streamresize-work", "manifest.json")
+    committed = json.load(open(manifest))["next_block"] if os.path.exists(manifest) else -1
+    assert committed <= int(crash_at.split(":")[0]), "a block that crashed must not be recorded as done"
     resumed = cli(*compress_args(tiny_model, out, texts["calib"], sparsity=0.25))
-    if crash_at != "-1:committing":
-        assert "resuming at block" in resumed.stderr
+    if committed >= 0:
+        assert f"resuming at block {committed} of" in resumed.stderr
+    else:
+        assert "resuming at block" not in resumed.stderr
     assert tree_digest(out, exclude={RUN_LOG}) == tree_digest(reference, exclude={RUN_LOG})
     assert set(os.listdir(out)) == set(os.listdir(reference))
 
