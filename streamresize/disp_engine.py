@@ -392,12 +392,7 @@ class DispCompressor(StreamingCompressor):
                           None, None, entry)
 
     def _block_step(self, i, progress):
-        start = time.time()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        crash_point(i, "start")
-        source = self.manifest.state["current_cache"]
-        target = "hidden_b" if source == "hidden_a" else "hidden_a"
+        start, source, target = self._begin_block(i)
         progress.set_postfix_str(f"block {i}: loading")
         weights = self._dense_weights(i)
         widths = self.disp_widths[i]

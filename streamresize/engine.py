@@ -363,13 +363,18 @@ class StreamingCompressor:
         log.info("embedding: width %d, local error %.4f, %.1fs", point["width"], point["local_error"],
                  entry["seconds"])
 
-    def _block_step(self, i, progress):
+    def _begin_block(self, i):
+        """Start of block i: its clock, a fresh GPU peak, and the cache files it reads and writes
+        (the two alternate, so the block's inputs survive until its outputs are committed)."""
         start = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         crash_point(i, "start")
         source = self.manifest.state["current_cache"]
-        target = "hidden_b" if source == "hidden_a" else "hidden_a"
+        return start, source, "hidden_b" if source == "hidden_a" else "hidden_a"
+
+    def _block_step(self, i, progress):
+        start, source, target = self._begin_block(i)
         k_in = self.widths[2 * i]
         basis_in, reader_in = self._load_basis(i - 1)
         f = self.family
