@@ -48,9 +48,23 @@ class MaskHypernetwork(nn.Module):
             masks.append((soft > 0.5).to(soft.dtype) - soft.detach() + soft)
         return masks
 
-    def final_masks(self):
+    def budget_masks(self, shape, budget):
+        """Deterministic masks that meet the budget: the channels whose logits clear one threshold,
+        the lowest threshold whose kept parameters fit. The λ term only pulls the sampled masks
+        towards the budget, and a short run ends far from it (on SmolLM2-135M, 200 steps kept 50 %
+        of the parameters for a 76 % target); the learned ranking still decides which groups keep what."""
         with torch.no_grad():
-            return [(logit > 0).float() for logit in self.logits()]
+            logits = self.logits()
+            values = torch.cat([l.flatten() for l in logits]).sort().values
+            low, high = 0, len(values)  # keep channels with logit >= values[index]; fewer as index grows
+            while low < high:
+                mid = (low + high) // 2
+                if kept_parameters(shape, [(l >= values[mid]).float() for l in logits]) <= budget:
+                    high = mid
+                else:
+                    low = mid + 1
+            threshold = values[low] if low < len(values) else float("inf")
+            return [(l >= threshold).float() for l in logits]
 
 
 def masked_block(layer, x, m1, m2, m3, m4, m5, position_embeddings):
@@ -133,7 +147,8 @@ def learn_widths(model_dir, ids, shape, budget, options, device, seed=0):
         if step % 20 == 0 or step == steps - 1:
             log.info("learning widths: step %d/%d, LM loss %.3f, kept/target %.3f", step + 1, steps,
                      record["lm_loss"], record["kept_ratio"])
-    widths = [tuple(int(m[i].sum()) for m in net.final_masks()) for i in range(len(inner.layers))]
+    masks = net.budget_masks(shape, budget)
+    widths = [tuple(int(m[i].sum()) for m in masks) for i in range(len(inner.layers))]
     del model
     return widths, history
 
