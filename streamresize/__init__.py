@@ -17,4 +17,6 @@ def compress(model_dir, out_dir, recipe=None, **options):
 
     work_dir = options.pop("work_dir", None)
     restart = options.pop("restart", False)
-    return run(model_dir, out_dir, load_recipe(recipe, options), work_dir=work_dir, restart=restart)
+    overwrite = options.pop("overwrite", False)
+    return run(model_dir, out_dir, load_recipe(recipe, options), work_dir=work_dir, restart=restart,
+               overwrite=overwrite)

@@ -17,7 +17,11 @@ def _compress_parser(sub):
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     _run_options(p)
-    p.add_argument("--restart", action="store_true", help="discard an earlier unfinished run and start over")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an earlier unfinished run and start over (a finished streamresize output in "
+                        "OUT_DIR is replaced once the new one is complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUT_DIR may hold other files: they are replaced, once the new output is complete")
 
 
 def _plan_parser(sub):
@@ -173,7 +177,8 @@ def run_compress(args):
 
     recipe, memory = _recipe_and_memory(args)
     log.info("compressing %s -> %s with %s", args.model_dir, args.out_dir, recipe.resolved())
-    return compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart, memory=memory)
+    return compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart,
+                    memory=memory, overwrite=args.overwrite)
 
 
 def run_plan(args):

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from . import __version__
@@ -27,10 +27,10 @@ from .architectures import check_supported, family_for
 from .budget import widths_for_target
 from .cache import ActivationCache
 from .calibration import calibration_ids
-from .checkpoint import INDEX_NAME, CheckpointReader
+from .checkpoint import CheckpointReader
 from .commit import BackgroundCommit
 from .errors import StreamResizeError
-from .manifest import Manifest
+from .manifest import MANIFEST, Manifest
 from .memory import MemoryMonitor
 from .methods import method_defaults, solver, target_width
 from .modeling.modeling_streamresize import (
@@ -48,9 +48,9 @@ from .statistics import PointStatistics, pca_error, relative_error
 from .methods.dotresize import DEFAULTS as DOTRESIZE_DEFAULTS
 from .methods.neurons import narrow_mlp
 from .transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
-from .writer import ShardWriter, atomic_write_json
+from .workspace import DirectoryLock, WorkDir, check_layout
+from .writer import RUN_LOG, OutputDir, ShardWriter, atomic_write_json, save_tensors
 
-RUN_LOG = "streamresize_run.json"  # timings and memory; the one output file that differs between runs
 
 log = logging.getLogger("streamresize")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,28 +78,20 @@ def default_work_dir(out_dir):
     return os.path.abspath(out_dir).rstrip(os.sep) + ".streamresize-work"
 
 
-def _inside(path, parent):
-    path, parent = os.path.realpath(path), os.path.realpath(parent)
-    return path == parent or path.startswith(parent + os.sep)
-
-
 class StreamingCompressor:
     """Rotate-and-slice methods (pca, prune, dotresize): a basis at every point of the residual stream."""
 
     known_options = set(DOTRESIZE_DEFAULTS) | {"reader", "mlp_reader", "rotate_full_width"}
 
-    def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None):
+    def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False):
         self.model_dir = os.path.abspath(model_dir)
         self.out_dir = os.path.abspath(out_dir)
         self.work_dir = os.path.abspath(work_dir or default_work_dir(out_dir))
         self.recipe = recipe
         self.restart = restart
         self.memory = memory or MemoryOptions()  # budgets, cache location, prefetch: not in the recipe
-        if _inside(self.out_dir, self.model_dir) or _inside(self.model_dir, self.out_dir):
-            raise StreamResizeError(f"{self.out_dir}: the output must not be the model directory or inside it")
-        for other in (self.out_dir, self.model_dir):
-            if _inside(self.work_dir, other):
-                raise StreamResizeError(f"{self.work_dir}: the work dir must not be inside {other}")
+        self.overwrite = overwrite
+        check_layout(self.model_dir, self.out_dir, self.work_dir)
         self.reader = CheckpointReader(self.model_dir)
         config_path = os.path.join(self.model_dir, "config.json")
         self.family = family_for(self.reader.config, config_path)
@@ -152,21 +144,26 @@ class StreamingCompressor:
 
     # ---- set-up -----------------------------------------------------------------------------
 
-    def _prepare(self):
+    def _claim(self):
+        """Lock the output and the work dir, then decide where this run writes: a new or resumable
+        output in place, an output to be replaced (written beside it, swapped in when complete), or
+        nothing at all when the output is already this run's finished result. Returns that result's
+        summary in the last case, else None."""
         if not self.recipe.dataset:
             raise StreamResizeError("no calibration text: pass --dataset FILE (.txt or .jsonl) or --dataset random")
-        if os.path.exists(os.path.join(self.out_dir, INDEX_NAME)) and not self.restart \
-                and not os.path.exists(os.path.join(self.work_dir, "manifest.json")):
-            raise StreamResizeError(
-                f"{self.out_dir}: already holds a finished checkpoint; choose another output or pass --restart")
-        if self.restart and os.path.isdir(self.work_dir):
-            shutil.rmtree(self.work_dir)
+        self.final_out_dir = self.out_dir
+        output = OutputDir(self.out_dir)
+        output.finish_interrupted_swap()
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as e:
+            raise StreamResizeError(f"{self.out_dir}: cannot create the output directory ({e.strerror})") from e
+        self.out_lock = DirectoryLock(self.out_dir, "output directory").acquire()
+        self.workspace = WorkDir(self.work_dir, self.out_dir).claim()
         self.plan = make_plan(self)  # memory placement and disk needs, from shapes alone
         check_disk(self.plan)
-        os.makedirs(self.work_dir, exist_ok=True)
         r = self.recipe
         ids = calibration_ids(self.model_dir, r.dataset, r.num_calibration_samples, r.max_seq_length, r.seed)
-        np.save(os.path.join(self.work_dir, "calibration_ids.npy"), ids)
         self.ids = ids
         self.ids_sha256 = hashlib.sha256(ids.tobytes()).hexdigest()
         self.signature = {
@@ -175,12 +172,43 @@ class StreamingCompressor:
             "recipe": r.digest(),
             "version": __version__,
         }
+        if self.restart:
+            self.workspace.clear()
+        resumable = os.path.exists(os.path.join(self.work_dir, MANIFEST))
+        finished = output.finished_signature()
+        if finished is not None and finished == self.signature and not self.restart:
+            log.info("%s: already holds the finished output of this run; nothing to do", self.out_dir)
+            self.workspace.remove()
+            from .checkpoint import parameter_count
+
+            return {"output": self.out_dir, "parameters": parameter_count(self.out_dir), "already_complete": True}
+        if resumable and os.path.isdir(output.staging_path):
+            self.out_dir = output.staging_path  # an unfinished replacement continues where it was written
+            return None
+        foreign = output.foreign_files() if not resumable else []
+        if foreign:
+            if not (self.overwrite or (self.restart and finished is not None)):
+                shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+                what = ("a finished checkpoint of a different run" if finished is not None
+                        else f"files streamresize did not write ({shown})")
+                raise StreamResizeError(
+                    f"{self.out_dir}: already holds {what}; choose another output, or pass --overwrite "
+                    "(--restart for a streamresize output) to replace it once the new output is complete")
+            self.out_dir = output.staging_path
+            if os.path.isdir(self.out_dir):
+                shutil.rmtree(self.out_dir)  # a replacement nobody can resume: ours, by its name
+            os.makedirs(self.out_dir)
+            log.info("%s will be replaced once the new output in %s is complete", self.final_out_dir, self.out_dir)
+        return None
+
+    def _prepare(self):
+        np.save(os.path.join(self.work_dir, "calibration_ids.npy"), self.ids)
         self.manifest = Manifest.open(self.work_dir, self.signature, self.restart)
         placement = self.plan.placement
         log.info("placement: micro-batch %d sequences, activation cache on %s, prefetch %s, compute %s",
                  placement.batch_size, placement.cache, placement.prefetch,
                  str(self.compute_dtype).replace("torch.", ""))
-        self.cache = ActivationCache(self.work_dir, ids.shape[0], ids.shape[1], self.hidden, placement.cache,
+        self.cache = ActivationCache(self.work_dir, self.ids.shape[0], self.ids.shape[1], self.hidden, placement.cache,
                                      self.device, placement.batch_size)
         if self.manifest.state["current_cache"]:
             self.cache.restore(self.manifest.state["current_cache"])
@@ -190,6 +218,7 @@ class StreamingCompressor:
             exact_float32_matmuls()
         self.writer = ShardWriter(self.out_dir, self.out_dtype)
         self.writer.clear_completion_marker()
+        self.writer.remove_temp_files()
         for name, sha in self.manifest.state["shards"].items():
             if not self.writer.shard_ok(name, sha):
                 raise StreamResizeError(
@@ -213,7 +242,12 @@ class StreamingCompressor:
     # ---- helpers ------------------------------------------------------------------------------
 
     def _weight(self, name):
-        return self.prefetcher.get(name, torch.float32, self.device)
+        tensor = self.prefetcher.get(name, torch.float32, self.device)
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise StreamResizeError(f"{self.reader.location(name)[0]}: tensor '{name}' holds {bad} non-finite "
+                                    "value(s) (NaN or Inf); streamresize needs finite weights")
+        return tensor
 
     def _block_weight(self, layer, role):
         self.prefetcher.schedule(layer + 1)  # the next block reads from disk while this one computes
@@ -258,8 +292,7 @@ class StreamingCompressor:
         tensors = {"basis": basis.cpu().contiguous()}
         if reader is not basis:
             tensors["reader"] = reader.cpu().contiguous()
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_tensors(path, tensors)
 
     def _load_basis(self, step):
         """(basis, reader map) of the point a step ended on."""
@@ -358,7 +391,7 @@ class StreamingCompressor:
         entry = {"step": "embedding", "points": [point], "seconds": time.time() - start}
         tensors = {"model.embed_tokens.weight": rotate_embedding(embedding, basis)}
         if self.tied_head:  # the head adapter needs Q_0 at the very end
-            save_file({"basis": basis.cpu().contiguous()}, os.path.join(self.work_dir, "basis-embedding.safetensors"))
+            save_tensors(os.path.join(self.work_dir, "basis-embedding.safetensors"), {"basis": basis.cpu().contiguous()})
         self._finish_step(-1, "hidden_a", "model-embed.safetensors", tensors, basis, reader, entry)
         log.info("embedding: width %d, local error %.4f, %.1fs", point["width"], point["local_error"],
                  entry["seconds"])
@@ -500,8 +533,7 @@ class StreamingCompressor:
             merge(mlp_stats)
         progress.set_postfix_str("shared basis: solving")
         basis, _ = self.solve(total, self.widths[0], self.options)
-        save_file({"basis": basis.cpu().contiguous()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_tensors(path, {"basis": basis.cpu().contiguous()})
         log.info("shared basis: width %d, fitted on %d points of the dense model", self.widths[0],
                  2 * self.num_layers + 1)
         return basis
@@ -548,6 +580,9 @@ class StreamingCompressor:
             if getattr(self, "prefetcher", None) is not None:
                 self.prefetcher.close()
             self.monitor.stop()
+            for held in (getattr(self, "workspace", None), getattr(self, "out_lock", None)):
+                if held is not None:
+                    held.release()
 
     def _out_of_memory_message(self, error):
         step = self.manifest.next_block if getattr(self, "manifest", None) else None
@@ -563,6 +598,9 @@ class StreamingCompressor:
                 f"or --batch-size; the run resumes where it stopped. ({error})")
 
     def _run(self, start):
+        done = self._claim()
+        if done is not None:
+            return done
         self._prepare()
         first = self.manifest.next_block
         if first > -1:
@@ -587,7 +625,10 @@ class StreamingCompressor:
         summary = self._finish(weight_map, {**self.manifest.state["shards"], "model-head.safetensors": sha},
                                time.time() - start)
         self.reader.close()
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self.out_dir != self.final_out_dir:
+            OutputDir(self.final_out_dir).swap_in(self.out_dir)
+            self.out_dir = summary["output"] = self.final_out_dir
+        self.workspace.remove()
         return summary
 
     def _output_config(self, weight_map):
@@ -619,7 +660,7 @@ class StreamingCompressor:
             **self._extra_record(steps),
         }
         rss, gpu = peak_memory_mb(self.device)
-        run_log = {"source": self.model_dir, "seconds": seconds, "peak_rss_mb": rss, "peak_gpu_mb": gpu,
+        run_log = {"source": self.model_dir, "signature": self.signature, "seconds": seconds, "peak_rss_mb": rss, "peak_gpu_mb": gpu,
                    "device": str(self.device),
                    **self.monitor.run_peaks(), "placement": self.plan.placement.as_dict(),
                    "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
@@ -639,9 +680,9 @@ class StreamingCompressor:
         return {}
 
 
-def compress(model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None):
+def compress(model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False):
     if recipe.method == "disp":
         from .disp_engine import DispCompressor
 
-        return DispCompressor(model_dir, out_dir, recipe, work_dir, restart, memory).run()
-    return StreamingCompressor(model_dir, out_dir, recipe, work_dir, restart, memory).run()
+        return DispCompressor(model_dir, out_dir, recipe, work_dir, restart, memory, overwrite).run()
+    return StreamingCompressor(model_dir, out_dir, recipe, work_dir, restart, memory, overwrite).run()

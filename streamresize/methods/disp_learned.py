@@ -113,7 +113,8 @@ def learn_widths(model_dir, ids, shape, budget, options, device, seed=0):
             f"on {device}, {have / 2**30:.1f} GiB are free; use --allocation global, which streams, or a "
             "larger device")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
+                                                 local_files_only=True, trust_remote_code=False)
     model = model.to(device).eval()  # sdpa: causal without a mask tensor
     model.requires_grad_(False)
     inner = model.model
