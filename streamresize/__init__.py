@@ -12,7 +12,7 @@ def load(model_dir, **kwargs):
 
 def compress(model_dir, out_dir, recipe=None, **options):
     """Compress MODEL_DIR into OUT_DIR; `options` override the recipe (same names as the CLI)."""
-    from .engine import compress as run
+    from .pipeline import compress as run
     from .recipe import load_recipe
 
     work_dir = options.pop("work_dir", None)

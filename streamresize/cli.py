@@ -173,7 +173,7 @@ def _recipe_and_memory(args):
 
 
 def run_compress(args):
-    from .engine import compress
+    from .pipeline import compress
 
     recipe, memory = _recipe_and_memory(args)
     log.info("compressing %s -> %s with %s", args.model_dir, args.out_dir, recipe.resolved())
@@ -184,12 +184,12 @@ def run_compress(args):
 def run_plan(args):
     import os
 
-    from .engine import StreamingCompressor
+    from .pipeline import Run
     from .plan import check_disk, format_plan, make_plan
 
     recipe, memory = _recipe_and_memory(args)
     out_dir = args.out_dir or os.path.join(os.getcwd(), os.path.basename(os.path.abspath(args.model_dir)) + "-streamresize")
-    compressor = StreamingCompressor(args.model_dir, out_dir, recipe, work_dir=args.work_dir, memory=memory)
+    compressor = Run(args.model_dir, out_dir, recipe, work_dir=args.work_dir, memory=memory)
     plan = make_plan(compressor, measure=True)
     print(format_plan(plan, compressor), flush=True)
     check_disk(plan)
@@ -197,7 +197,7 @@ def run_plan(args):
 
 
 def run_eval(args):
-    from .engine import resolve_device
+    from .runtime import resolve_device
     from .evaluate import default_output, evaluate, format_table, save_result
 
     if args.threads:

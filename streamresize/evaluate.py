@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .calibration import load_tokenizer, read_documents, token_stream
 from .checkpoint import parameter_count
-from .engine import RUN_LOG
+from .writer import RUN_LOG
 from .errors import StreamResizeError
 from .loading import load_model
 from .zeroshot import evaluate_task, task_path

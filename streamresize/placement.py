@@ -71,7 +71,8 @@ class Footprint:
     block_stored: int  # one block's tensors as stored (what a prefetch in memory holds)
 
 
-def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequences, seq_length, narrow_mlp):
+def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequences, seq_length, narrow_mlp,
+              cache_files=3):
     """The engine's memory from a Llama-family config and the widest residual point kept (`width`);
     see `_block_step` for what is held when."""
     d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
@@ -93,7 +94,7 @@ def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequ
                     52 * d + 4 * c * ff,  # MLP pass: narrowed input, gate/up/act, update, signal, stats
                     8 * d + (4 * c + 16) * ff if narrow_mlp else 0)  # MLP neurons' pass and statistics
     return Footprint(step=max(step, vocabulary), pass_fixed=held + 8 * (ff * ff if narrow_mlp else d * d),
-                     per_sequence=per_token * seq_length, cache=3 * num_sequences * seq_length * d * 4,
+                     per_sequence=per_token * seq_length, cache=cache_files * num_sequences * seq_length * d * 4,
                      block_stored=block_parameters(config) * stored_bytes)
 
 

@@ -18,6 +18,20 @@ SAFETENSORS_OVERHEAD = 64 << 10  # header and alignment per shard, generously
 
 
 @dataclass
+class MethodFootprint:
+    """What the planner needs to know of a method's run, as plain data (`WidthMethod.footprint`)."""
+
+    widths: list  # residual width at every point (2 x blocks + 1)
+    intermediate_sizes: list  # MLP width per block
+    tied_head: bool
+    cache_files: int  # full-width activation-cache files the method keeps
+    shortcuts: bool  # skip-path matrices between points
+    rotated: list  # per point: whether weights are rotated (not merely selected) there
+    eigh_points: list  # per point: whether the method's own solve is an eigen-decomposition
+    refit_readers: bool  # least-squares readers: an extra pass per point
+
+
+@dataclass
 class Step:
     name: str
     read_bytes: int  # tensors read from the checkpoint, as stored
@@ -62,19 +76,20 @@ class Plan:
 
 
 def make_plan(compressor, measure=False):
-    """The plan of `compressor`'s run (a StreamingCompressor after __init__: config, widths, recipe)."""
+    """The plan of `compressor`'s run (a pipeline.Run after __init__: shapes, recipe, the method's footprint)."""
     c, r = compressor, compressor.recipe
-    config, reader = c.source_config, c.reader
-    d, ff, vocab = c.hidden, config["intermediate_size"], config["vocab_size"]
+    m = c.method.footprint()
+    config = c.source_config
+    d, ff = c.hidden, config["intermediate_size"]
     n, seq = r.num_calibration_samples, r.max_seq_length
-    narrow_mlp = any(k < ff for k in c.intermediate_sizes)
-    fp = footprint(config, max(c.widths), reader.dtype.itemsize, c.compute_dtype.itemsize, c.out_dtype.itemsize,
-                   n, seq, narrow_mlp)
+    narrow_mlp = any(k < ff for k in m.intermediate_sizes)
+    fp = footprint(config, max(m.widths), c.reader.dtype.itemsize, c.compute_dtype.itemsize, c.out_dtype.itemsize,
+                   n, seq, narrow_mlp, m.cache_files)
     gpu, cpu = c.memory.budgets(c.device)
     placement = place(fp, c.device.type, gpu, cpu, r.batch_size, c.memory.cache_location, c.memory.prefetch)
-    steps = [_embedding(c, n * seq)] + [_block(c, i, n * seq) for i in range(c.num_layers)] + [_head(c)]
+    steps = [_embedding(c, m, n * seq)] + [_block(c, m, i, n * seq) for i in range(c.num_layers)] + [_head(c, m)]
     output = sum(s.output_bytes + SAFETENSORS_OVERHEAD for s in steps)
-    k_max = max(c.widths)
+    k_max = max(m.widths)
     work = (fp.cache + n * seq * 8  # cache files, calibration ids
             + 8 * max(d + 2, ff + 2 if narrow_mlp else 0) * max(d, ff if narrow_mlp else 0)  # offloaded stats
             + 4 * 8 * d * k_max + 8 * d * k_max)  # basis files of two steps (basis and reader), shared basis
@@ -94,24 +109,24 @@ def _group_bytes(c, names):
     return sum(c.reader.nbytes(name) for name in names if c.reader.has(name))
 
 
-def _embedding(c, tokens):
-    k0, d = c.widths[0], c.hidden
+def _embedding(c, m, tokens):
+    k0, d = m.widths[0], c.hidden
     vocab = c.source_config["vocab_size"]
     return Step("embedding", read_bytes=_group_bytes(c, [c.family.embedding]), statistics_bytes=_stats(d),
                 output_bytes=vocab * k0 * c.out_dtype.itemsize,
-                flops={"float64": 2 * tokens * d * d + _rotation(c, 0, vocab * d * k0) + 2 * tokens * d * k0,
-                       "eigh": _solves(c, [0])})
+                flops={"float64": 2 * tokens * d * d + _rotation(m, 0, vocab * d * k0) + 2 * tokens * d * k0,
+                       "eigh": _solves(m, [0])})
 
 
-def _block(c, i, tokens):
+def _block(c, m, i, tokens):
     config, d = c.source_config, c.hidden
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // heads
     q, kv = heads * head_dim, (config.get("num_key_value_heads") or heads) * head_dim
-    ff, ff_i = config["intermediate_size"], c.intermediate_sizes[i]
-    k_in, k_attn, k_mlp = c.widths[2 * i], c.widths[2 * i + 1], c.widths[2 * i + 2]
+    ff, ff_i = config["intermediate_size"], m.intermediate_sizes[i]
+    k_in, k_attn, k_mlp = m.widths[2 * i], m.widths[2 * i + 1], m.widths[2 * i + 2]
     seq = c.recipe.max_seq_length
-    shortcuts = _has_shortcuts(c)
+    shortcuts = m.shortcuts
     output = ((q + 2 * kv) * k_in + k_attn * q + 2 * ff_i * k_attn + k_mlp * ff_i
               + (k_attn * k_in + k_mlp * k_attn if shortcuts else 0))
     narrow = ff_i < ff
@@ -120,53 +135,49 @@ def _block(c, i, tokens):
     float32 = 2 * tokens * d * (k_in + 3 * k_attn)
     float64 = (4 * tokens * d * d + 2 * tokens * d * k_mlp  # two points' Gram matrices, the projection
                + (2 * tokens * ff * ff if narrow else 0)
-               + _rotation(c, 2 * i, (q + 2 * kv) * d * k_in) + _rotation(c, 2 * i + 1, (q + 3 * ff) * d * k_attn)
-               + _rotation(c, 2 * i + 2, ff * d * k_mlp))
-    if c.reader_kind == "lstsq":
+               + _rotation(m, 2 * i, (q + 2 * kv) * d * k_in) + _rotation(m, 2 * i + 1, (q + 3 * ff) * d * k_attn)
+               + _rotation(m, 2 * i + 2, ff * d * k_mlp))
+    if m.refit_readers:
         float64 += 2 * tokens * (k_attn + k_mlp) * (d + max(k_attn, k_mlp))
-    eigh = _solves(c, [2 * i + 1, 2 * i + 2]) + ((ff / d) ** 3 if narrow else 0)
-    return Step(f"block {i}", read_bytes=_group_bytes(c, c._group_names(i)),
+    eigh = _solves(m, [2 * i + 1, 2 * i + 2]) + ((ff / d) ** 3 if narrow else 0)
+    return Step(f"block {i}", read_bytes=_group_bytes(c, _block_names(c, i)),
                 statistics_bytes=_stats(d) + (_stats(ff) if narrow else 0),
                 output_bytes=output * c.out_dtype.itemsize,
                 flops={"compute": compute, "float32": float32, "float64": float64, "eigh": eigh})
 
 
-def _head(c):
+def _head(c, m):
     d, vocab = c.hidden, c.source_config["vocab_size"]
-    k0, k_last = c.widths[0], c.widths[-1]
-    output = k0 * k_last if c.tied_head else vocab * k_last
-    return Step("head", read_bytes=_group_bytes(c, c._group_names(c.num_layers)), statistics_bytes=0,
+    k0, k_last = m.widths[0], m.widths[-1]
+    output = k0 * k_last if m.tied_head else vocab * k_last
+    return Step("head", read_bytes=_group_bytes(c, _head_names(c, m)), statistics_bytes=0,
                 output_bytes=output * c.out_dtype.itemsize,
-                flops={"float64": _rotation(c, len(c.widths) - 1, output * d)})
+                flops={"float64": _rotation(m, len(m.widths) - 1, output * d)})
+
+
+def _head_names(c, m):
+    f = c.family
+    head = f.head if c.reader.has(f.head) else f.embedding
+    return [f.final_norm] + ([head] if not m.tied_head else [])
+
+
+def _block_names(c, i):
+    prefix = c.family.block.format(i=i)
+    return [n for n in c.reader.weight_map if n.startswith(prefix)]
 
 
 def _stats(width):
     return 8 * (width * width + 2 * width)
 
 
-def _has_shortcuts(c):
-    """Skip-path matrices: per-point bases that rotate (a shared basis or identity points need none)."""
-    return c.recipe.basis == "per-point" and (any(k < c.hidden for k in c.widths)
-                                              or bool(c.options.get("rotate_full_width", False)))
-
-
-def _rotation(c, point, flops):
+def _rotation(m, point, flops):
     """float64 flops of rotating weights by a point's basis: none for a selection (pruning, identity)."""
-    identity = c.widths[point] == c.hidden and not c.options.get("rotate_full_width", False)
-    selection = c.recipe.method == "prune" and c.reader_kind == "pinv"
-    return 0 if identity or selection else 2 * flops
+    return 2 * flops if m.rotated[point] else 0
 
 
-def _solves(c, points):
-    """Eigen-solves of d x d matrices: the method's (pca, pca support) and the logged PCA bound's."""
-    solves = 0.0
-    for point in points:
-        if c.widths[point] == c.hidden and not c.options.get("rotate_full_width", False):
-            solves += 0.3  # identity basis: only the bound's eigenvalues
-            continue
-        method_eigh = c.recipe.basis == "per-point" and (c.recipe.method == "pca" or c.options.get("support") == "pca")
-        solves += (1.0 if method_eigh else 0.0) + 0.3  # eigvalsh of the bound: about 0.3 of an eigh
-    return solves
+def _solves(m, points):
+    """Eigen-solves of d x d matrices: the method's own and the logged PCA bound's (about 0.3 of one)."""
+    return sum((1.0 if m.eigh_points[point] else 0.0) + 0.3 for point in points)
 
 
 def _disk_needs(out_dir, output, work_dir, work):
@@ -246,11 +257,12 @@ def estimate_seconds(flops, rates, width):
 
 def format_plan(plan, compressor):
     c, p, fp = compressor, plan.placement, plan.footprint
+    m = c.method.footprint()
     lines = [f"model {plan.model_dir}: {c.family.name}, {c.num_layers} blocks, width {c.hidden}, MLP "
              f"{c.source_config['intermediate_size']}, {format_size(_total_read(plan))} as "
              f"{str(c.reader.dtype).replace('torch.', '')}",
-             f"run: {c.recipe.method}, residual widths {min(c.widths)}-{max(c.widths)}, MLP widths "
-             f"{min(c.intermediate_sizes)}-{max(c.intermediate_sizes)}, calibration "
+             f"run: {c.recipe.method}, residual widths {min(m.widths)}-{max(m.widths)}, MLP widths "
+             f"{min(m.intermediate_sizes)}-{max(m.intermediate_sizes)}, calibration "
              f"{c.recipe.num_calibration_samples} x {c.recipe.max_seq_length} tokens",
              f"device {plan.device}, compute {plan.compute_dtype}, statistics float64; budgets: GPU "
              f"{format_size(plan.budgets['gpu']) if plan.budgets['gpu'] else '-'} "

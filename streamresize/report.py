@@ -11,7 +11,7 @@ import json
 import math
 import os
 
-from .engine import RUN_LOG
+from .writer import RUN_LOG
 from .errors import StreamResizeError
 from .evaluate import EVAL_RESULT
 # Relative reconstruction errors that share a scale and are plotted together, with their legends.

@@ -6,8 +6,10 @@ import numpy as np
 import torch
 
 
-class PointStatistics:
-    """Gram matrix, column sums and mean |x| of the signals X (tokens x d) at one point."""
+class Moments:
+    """Gram matrix, column sums and sums of |x| of the signals X (tokens x d) at one point, with the
+    token count: sums, so that micro-batches, points and processes combine by adding (`merge`,
+    `reduce`). Every statistic a method solves from passes through this type."""
 
     TENSORS = ("gram", "sum", "abs_sum")
 
@@ -27,6 +29,25 @@ class PointStatistics:
         self.sum += x.sum(0)
         self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
+
+    def merge(self, other, weight=1.0):
+        """Add another set of moments, its signals scaled by sqrt(weight) (so its Gram by weight)."""
+        self.gram += other.gram * weight
+        self.sum += other.sum * weight ** 0.5
+        self.abs_sum += other.abs_sum * weight ** 0.5
+        self.count += other.count
+        return self
+
+    def reduce(self, all_reduce=None):
+        """The sums over every process of a data-parallel run, in float64 and a fixed order:
+        `all_reduce(tensor)` sums a tensor in place across processes. One process: unchanged."""
+        if all_reduce is not None:
+            for name in self.TENSORS:
+                all_reduce(getattr(self, name))
+            count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.gram.device)
+            all_reduce(count)
+            self.count = int(count.item())
+        return self
 
     def offload(self, path):
         """Move the statistics to memory-mapped files, freeing the device."""
@@ -68,3 +89,6 @@ def pca_error(gram, width):
     total = eigenvalues.sum()
     kept = eigenvalues[-width:].sum()
     return float(((total - kept) / total).clamp_min(0).sqrt()) if total > 0 else 0.0
+
+
+PointStatistics = Moments  # the name earlier code and tools use

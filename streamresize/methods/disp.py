@@ -1,6 +1,6 @@
 """DISP-LLM (Gao et al., arXiv 2410.11988): each block reads and writes its own subset of residual
 channels. This module holds the pure parts: parameter counting, widths for a budget, channel
-scores, selection and the optional least-squares refit. The streaming passes are in disp_engine.py.
+scores, selection and the optional least-squares refit. The streaming passes are in disp_method.py.
 
 Index sets per block (the paper's I1..I5): attention inputs, attention outputs, MLP inputs, MLP
 neurons, MLP outputs. Output channels are chosen by the exact energy their removal takes from the
@@ -8,10 +8,9 @@ residual update; inputs and neurons by the expected squared change of the consum
 channel is dropped alone (‖W[:, j]‖² E[x_j²], Wanda/FLAP-style), in residual units where one exists.
 """
 
-from dataclasses import dataclass
-
 import torch
 
+from ..arch.base import BlockShape  # noqa: F401  (re-exported: the pure parts count with it)
 from ..errors import StreamResizeError
 
 # refit on by default: on SmolLM2-135M at sparsity 0.3 it takes perplexity from 502 to 144 (BENCHMARKS.md);
@@ -19,26 +18,6 @@ from ..errors import StreamResizeError
 DEFAULTS = {"refit": True, "curve_samples": 16, "curve_points": 8}
 GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")
 ALLOCATIONS = ("uniform", "global", "learned")
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """Full sizes of one block's five groups and the widths of what they feed."""
-
-    hidden: int
-    intermediate: int
-    q_out: int  # heads x head_dim
-    kv_out: int  # kv heads x head_dim
-
-    @property
-    def full(self):
-        return (self.hidden, self.hidden, self.hidden, self.intermediate, self.hidden)
-
-    def parameters(self, widths):
-        """Block-linear parameters (q, k, v, o, gate, up, down) at the given index-set sizes."""
-        n_attn_in, n_attn_out, n_mlp_in, n_hidden, n_mlp_out = widths
-        return (n_attn_in * (self.q_out + 2 * self.kv_out) + n_attn_out * self.q_out
-                + n_hidden * (2 * n_mlp_in + n_mlp_out))
 
 
 def widths_at(shape, keep, multiple):

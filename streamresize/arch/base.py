@@ -1,0 +1,77 @@
+"""What the pipeline and the methods know of a model family: one `ArchSpec` per family.
+
+Methods ask for roles (readers and writers of the residual, norms, embedding, head) and never name a
+family; the pipeline asks the spec for tensor names, the block's shape and whether a checkpoint holds
+anything the block code would not carry (a bias, say), which is refused rather than silently dropped.
+"""
+
+from dataclasses import dataclass
+
+from ..errors import StreamResizeError
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Full sizes of one block's five groups (DISP-LLM's I1..I5) and the widths of what they feed."""
+
+    hidden: int
+    intermediate: int
+    q_out: int  # heads x head_dim
+    kv_out: int  # kv heads x head_dim
+
+    @property
+    def full(self):
+        return (self.hidden, self.hidden, self.hidden, self.intermediate, self.hidden)
+
+    def parameters(self, widths):
+        """Block-linear parameters (q, k, v, o, gate, up, down) at the given index-set sizes."""
+        n_attn_in, n_attn_out, n_mlp_in, n_hidden, n_mlp_out = widths
+        return (n_attn_in * (self.q_out + 2 * self.kv_out) + n_attn_out * self.q_out
+                + n_hidden * (2 * n_mlp_in + n_mlp_out))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str  # key into the output modeling code's FAMILY_MODULES
+    architectures: tuple  # config.json "architectures" entries this spec reads
+    embedding: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    head: str = "lm_head.weight"
+    block: str = "model.layers.{i}."
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attn_readers: tuple = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    attn_writer: str = "self_attn.o_proj"
+    mlp_readers: tuple = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_writer: str = "mlp.down_proj"
+
+    def block_name(self, layer, role):
+        return self.block.format(i=layer) + role
+
+    @property
+    def block_roles(self):
+        return (self.attn_norm, *self.attn_readers, self.attn_writer, self.mlp_norm, *self.mlp_readers,
+                self.mlp_writer)
+
+    def shape(self, config):
+        """The block's shape from config.json (the one place head geometry is derived)."""
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        return BlockShape(config["hidden_size"], config["intermediate_size"], heads * head_dim, kv_heads * head_dim)
+
+    def check(self, config, tensor_names, where):
+        """Refuse what the block code would not carry: declared or stored biases, tensor parallel
+        pre-training splits, and any block tensor outside the known roles (named)."""
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise StreamResizeError(f"{where}: linear biases are not supported yet")
+        if config.get("pretraining_tp", 1) not in (None, 1):
+            raise StreamResizeError(f"{where}: pretraining_tp > 1 is not supported")
+        known = {f"{role}.weight" for role in self.block_roles}
+        for name in sorted(tensor_names):
+            for i in range(config["num_hidden_layers"]):
+                prefix = self.block.format(i=i)
+                if name.startswith(prefix) and name[len(prefix):] not in known:
+                    raise StreamResizeError(
+                        f"{where}: the checkpoint holds '{name}', which a {self.name} block does not have "
+                        "(a bias or an extra tensor); streamresize would drop it, so it refuses this model")

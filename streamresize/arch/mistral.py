@@ -1,0 +1,5 @@
+"""Mistral: Llama's tensors, with its own attention class (sliding window) in transformers."""
+
+from .base import ArchSpec
+
+SPEC = ArchSpec("mistral", ("MistralForCausalLM",))

@@ -1,0 +1,438 @@
+"""Rotate-and-slice methods (pca, prune, dotresize): a basis at every point of the residual stream.
+
+Point 0 is the embedding output, points 2i+1 and 2i+2 the residual after block i's attention and
+after its MLP. At each point the signals' moments are accumulated on the compressed prefix, the
+method's solver gives an orthonormal basis of the kept width, the writers into the point are rotated
+onto it and the readers of the point read through it (their norm gains folded in, so the norms stay
+weightless and exact). The three methods differ only in the solver and its options.
+"""
+
+import logging
+import os
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from ..budget import widths_for_target
+from ..errors import StreamResizeError
+from ..plan import MethodFootprint
+from ..modeling.modeling_streamresize import StreamResizeConfig, StreamResizeDecoderLayer, attention_inputs
+from ..precision import compute_in
+from ..runtime import crash_point, peak_memory_mb
+from ..statistics import Moments, pca_error, relative_error
+from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
+from ..writer import save_tensors
+from . import dotresize, pca, prune, target_width
+from .base import WidthMethod
+from .neurons import narrow_mlp
+from .options import Option
+
+log = logging.getLogger("streamresize")
+
+READER = Option("pinv", str, "how readers of a narrowed point read it: pinv (projection) or lstsq (refitted by "
+                "least squares on calibration moments)", choices=("pinv", "lstsq"))
+ROTATE_FULL_WIDTH = Option(False, bool, "rotate points kept at full width too (tests the skip matrices)",
+                           recorded=False)
+SUPPORT = Option("norm", str, "which neurons are kept", choices=("norm", "variance", "mean_abs", "pca"))
+# DOTResize's transport options; the defaults were chosen by measurement (BENCHMARKS.md).
+TRANSPORT = {
+    "support": SUPPORT,
+    "cost": Option("sqeuclidean", str, "transport cost between neurons", choices=("sqeuclidean", "correlation")),
+    "normalize": Option(False, bool, "normalize each neuron before the sqeuclidean cost"),
+    "epsilon": Option(0.05, float, "entropic regularization, relative to the median cost", positive=True),
+    "marginals": Option("uniform", str, "transport marginals", choices=("uniform", "energy")),
+    "solver": Option("auto", str, "OT solver",
+                     choices=("auto", "sinkhorn", "sinkhorn_log", "sinkhorn_stabilized", "emd")),
+    "max_iter": Option(2000, int, "Sinkhorn iterations at most", positive=True),
+    "tol": Option(1e-9, float, "Sinkhorn stopping tolerance", positive=True),
+}
+MLP_READER = Option("ot", str, "how merged MLP neurons are folded into down_proj: ot (the transport map) or lstsq "
+                    "(its least-squares refit)", choices=("ot", "lstsq"))
+assert set(dotresize.DEFAULTS) == set(TRANSPORT) | {"reader", "mlp_reader"}
+
+
+class SlicingMethod(WidthMethod):
+    solve = None  # (moments, width, options) -> (basis d x k, info)
+    default_head = "tied"
+
+    @classmethod
+    def option_spec(cls, recipe):
+        spec = dict(cls.OPTIONS)
+        if cls.mlp_method_for(recipe) == "dotresize":  # the MLP neurons are merged by OT: its options apply
+            spec = {**{k: Option(o.default, o.kind, o.help, o.choices, o.minimum, o.positive, recorded=False)
+                       for k, o in TRANSPORT.items()}, "mlp_reader": Option(
+                "ot", str, MLP_READER.help, MLP_READER.choices, recorded=False), **spec}
+        return spec
+
+    @classmethod
+    def mlp_method_for(cls, recipe):
+        return recipe.mlp_method if recipe.mlp_method != "auto" else ("dotresize" if cls.name == "dotresize"
+                                                                       else "prune")
+
+    def __init__(self, run):
+        super().__init__(run)
+        r, c = run.recipe, run.source_config
+        self.mlp_method = self.mlp_method_for(r)
+        self.reader_kind = self.options.get("reader", "pinv")
+        source_tied = bool(c.get("tie_word_embeddings", False)) or not run.reader.has(run.family.head)
+        head = r.head if r.head != "auto" else self.default_head
+        if head not in ("tied", "untied"):
+            raise StreamResizeError(f"--head {r.head}: choose auto, tied or untied")
+        self.tied_head = head == "tied" and source_tied
+        if r.basis not in ("per-point", "shared"):
+            raise StreamResizeError(f"--basis {r.basis}: choose per-point or shared")
+        self.shared_basis = None
+        self._choose_widths()
+
+    def _choose_widths(self):
+        """Uniform widths from --sparsity / --mlp-sparsity, or from --target-size (the parameter budget)."""
+        run, r, c = self.run, self.run.recipe, self.run.source_config
+        hidden = run.hidden
+        if r.target_size is None:
+            width = target_width(hidden, r.sparsity, r.width_multiple)
+            intermediate = target_width(c["intermediate_size"], r.mlp_sparsity, r.width_multiple)
+        else:
+            width, intermediate = widths_for_target(
+                c, r.target_size, run.reader.parameter_count(), r.mlp_ratio, r.width_multiple,
+                r.basis == "per-point" and r.sparsity > 0, self.tied_head,
+                residual_width=target_width(hidden, r.sparsity, r.width_multiple))
+            log.info("target size %.3f: residual width %d of %d, MLP width %d of %d", r.target_size, width,
+                     hidden, intermediate, c["intermediate_size"])
+        self.widths = [width] * (2 * run.num_layers + 1)
+        self.intermediate_sizes = [intermediate] * run.num_layers
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _fields(self, widths):
+        return self.run.model_config_fields(residual_widths=widths, intermediate_sizes=self.intermediate_sizes,
+                                            shortcuts=None)
+
+    def _calibration_layer(self, i, k_in, weights):
+        """Block i built by the output's own layer code, reading k_in columns; its writers stay
+        full width until their point is solved, and the MLP readers are set once they are known."""
+        run = self.run
+        widths = [run.hidden] * len(self.widths)  # inside the run, writers stay full width until solved
+        widths[2 * i] = k_in
+        config = StreamResizeConfig(**self._fields(widths))
+        config._attn_implementation = run.block_config._attn_implementation
+        with torch.device("meta"):
+            layer = StreamResizeDecoderLayer(config, i)
+        run.set_weights(layer, weights)
+        return compute_in(layer.requires_grad_(False).eval(), run.compute_dtype)
+
+    def _basis_path(self, step):
+        return self.run.work_path(f"basis-{step}.safetensors")
+
+    def _save_basis(self, step, basis, reader):
+        tensors = {"basis": basis.cpu().contiguous()}
+        if reader is not basis:
+            tensors["reader"] = reader.cpu().contiguous()
+        save_tensors(self._basis_path(step), tensors)
+
+    def _load_basis(self, step):
+        """(basis, reader map) of the point a step ended on."""
+        saved = load_file(self._basis_path(step))
+        basis = saved["basis"].to(self.run.device)
+        return basis, saved["reader"].to(self.run.device) if "reader" in saved else basis
+
+    def _new_stats(self):
+        return Moments(self.run.hidden, self.run.device)
+
+    def _solve_point(self, stats, point, signals):
+        """Basis Q and reader map M of one point (M = Q unless readers are refitted), plus its log.
+        `signals` names the cache file that holds the point's full-width signals."""
+        run = self.run
+        width = self.widths[point]
+        stats = run.reduce(stats)
+        stats.offload(run.work_path(f"stats-{point}.f64"))
+        stats.to(run.device)
+        if self.shared_basis is not None:
+            basis, info = self.shared_basis, {"shared_basis": True}
+        elif width == run.hidden and not self.options.get("rotate_full_width", False):
+            # Nothing to remove: keep the neuron basis, so no skip-path matrices are needed.
+            basis, info = torch.eye(width, dtype=torch.float64, device=run.device), {"identity": True}
+        else:
+            basis, info = type(self).solve(stats, width, self.options)
+        reader = basis if self.reader_kind == "pinv" else self._refit_reader(signals, basis)
+        info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
+                "pca_error": pca_error(stats.gram, width), **info}
+        stats.discard()
+        return basis, reader, info
+
+    def _refit_reader(self, signals, basis):
+        """Readers refitted by least squares on the inputs they will actually see:
+        min ‖n(X) Wᵀ − n(X Q) W'ᵀ‖ with n the RMSNorm over the original width (so the narrowed
+        input's smaller norm is accounted for). Returns M (d x k) with W' = W M; for PCA, M ≈ Q."""
+        run = self.run
+        hidden = run.hidden
+        view = run.cache.view(signals, hidden)
+        width, eps = basis.shape[1], run.source_config.get("rms_norm_eps", 1e-6)
+        inner = torch.zeros(width, width, dtype=torch.float64, device=run.device)
+        cross = torch.zeros(width, hidden, dtype=torch.float64, device=run.device)
+        for rows in run.cache.batches(run.recipe.batch_size):
+            x = run.cache.read(view, rows, run.device).reshape(-1, hidden).double()
+            z = x @ basis
+            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            nz = z * torch.rsqrt(z.pow(2).sum(-1, keepdim=True) / hidden + eps)
+            inner += nz.T @ nz
+            cross += nz.T @ n
+        inner, cross = run.reduce_tensors(inner, cross)
+        inner += 1e-8 * inner.diagonal().mean().clamp_min(1e-30) * torch.eye(width, dtype=inner.dtype,
+                                                                             device=inner.device)
+        return torch.linalg.solve(inner, cross).T.contiguous()
+
+    def _commit(self, step, next_cache, shard_name, tensors, basis, reader, entry):
+        """The step's shard, then its basis (the next step reads it), then the manifest."""
+        self.run.commit_step(step, next_cache, basis.shape[1], shard_name, tensors, entry,
+                             save=lambda: self._save_basis(step, basis, reader),
+                             obsolete=[self._basis_path(step - 1)])
+
+    def _embed_calibration(self, embedding, view):
+        """Embedding output of every calibration sequence into `view`; returns point 0's statistics."""
+        run = self.run
+        stats = self._new_stats()
+        for rows in run.cache.batches(run.recipe.batch_size):
+            x = embedding[torch.from_numpy(run.ids[rows[0]:rows[1]]).to(run.device)]
+            run.cache.write(view, rows, x)
+            stats.add(x)
+        view.flush()
+        return stats
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def embedding(self, progress):
+        """Point 0: the embedding output, computed from the calibration token ids."""
+        run = self.run
+        start = time.time()
+        progress.set_postfix_str("embedding: calibrating")
+        embedding = run.weight(run.family.embedding)
+        stats = self._embed_calibration(embedding, run.cache.view("hidden_a", run.hidden))
+        progress.set_postfix_str("embedding: solving")
+        basis, reader, point = self._solve_point(stats, 0, "hidden_a")
+        progress.set_postfix_str("embedding: propagating")
+        run.cache.project_in_place("hidden_a", basis, run.recipe.batch_size, run.device)
+        entry = {"step": "embedding", "points": [point], "seconds": time.time() - start}
+        tensors = {"model.embed_tokens.weight": rotate_embedding(embedding, basis)}
+        if self.tied_head:  # the head adapter needs Q_0 at the very end
+            save_tensors(run.work_path("basis-embedding.safetensors"), {"basis": basis.cpu().contiguous()})
+        self._commit(-1, "hidden_a", "model-embed.safetensors", tensors, basis, reader, entry)
+        log.info("embedding: width %d of %d, local error %.4f (pca bound %.4f), %.1fs", point["width"],
+                 run.hidden, point["local_error"], point["pca_error"], entry["seconds"])
+
+    def block(self, i, progress):
+        run = self.run
+        start, source, target = run.begin_block(i)
+        k_in = self.widths[2 * i]
+        basis_in, reader_in = self._load_basis(i - 1)
+        f = run.family
+
+        progress.set_postfix_str(f"block {i}: loading")
+        attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
+        readers = {r: rotate_reader(fold_norm(run.block_weight(i, r), attn_norm), reader_in) for r in f.attn_readers}
+        w_o, w_down = run.block_weight(i, f.attn_writer), run.block_weight(i, f.mlp_writer)
+        layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, f.mlp_writer: w_down, **readers})
+        readers = run.as_output(readers)  # the layer holds its own copies; keep only what is written
+
+        # Pass A: attention, signals at the post-attention point (full width) -> scratch.
+        progress.set_postfix_str(f"block {i}: calibrating attention")
+        view_in = run.cache.view(source, k_in)
+        scratch = run.cache.view("scratch", run.hidden)
+        stats = self._new_stats()
+        basis_in_t = basis_in.float().T.contiguous()
+        with torch.no_grad():
+            for rows in run.cache.batches(run.recipe.batch_size):
+                x = run.cache.read(view_in, rows, run.device)
+                kwargs = attention_inputs(run.block_config, run.rotary, x)
+                update, _ = layer.self_attn(layer.input_layernorm(x), **kwargs)
+                signal = x @ basis_in_t + update
+                run.cache.write(scratch, rows, signal)
+                stats.add(signal)
+        scratch.flush()
+        crash_point(i, "solving")
+        progress.set_postfix_str(f"block {i}: solving attention point")
+        basis_attn, reader_attn, point_attn = self._solve_point(stats, 2 * i + 1, "scratch")
+
+        mlp_readers = {r: rotate_reader(fold_norm(run.block_weight(i, r), mlp_norm), reader_attn)
+                       for r in f.mlp_readers}
+        run.set_weights(layer, mlp_readers)
+        basis_attn_f = basis_attn.float()
+        mlp_point = None
+        if self.intermediate_sizes[i] < run.source_config["intermediate_size"]:
+            progress.set_postfix_str(f"block {i}: narrowing MLP neurons")
+            mlp_readers, w_down, mlp_point = self._narrow_mlp(i, layer, scratch, basis_attn_f, mlp_readers, w_down)
+        mlp_readers = run.as_output(mlp_readers)
+
+        # Pass B: MLP on the narrowed post-attention residual; output-point signals -> target.
+        progress.set_postfix_str(f"block {i}: calibrating MLP")
+        view_out = run.cache.view(target, run.hidden)
+        stats = self._new_stats()
+        basis_attn_t = basis_attn_f.T.contiguous()
+        with torch.no_grad():
+            for rows in run.cache.batches(run.recipe.batch_size):
+                narrowed = run.cache.read(scratch, rows, run.device) @ basis_attn_f
+                signal = narrowed @ basis_attn_t + layer.mlp(layer.post_attention_layernorm(narrowed))
+                run.cache.write(view_out, rows, signal)
+                stats.add(signal)
+        view_out.flush()
+        progress.set_postfix_str(f"block {i}: solving MLP point")
+        basis_out, reader_out, point_mlp = self._solve_point(stats, 2 * i + 2, target)
+        crash_point(i, "propagating")
+        progress.set_postfix_str(f"block {i}: propagating")
+        run.cache.project_in_place(target, basis_out, run.recipe.batch_size, run.device)
+
+        progress.set_postfix_str(f"block {i}: writing")
+        del layer  # its weights are copies; free them before the float64 writers are made
+        prefix = f"model.layers.{i}."
+        tensors = {prefix + r + ".weight": w for r, w in {**readers, **mlp_readers}.items()}
+        tensors[prefix + "self_attn.o_proj.weight"] = rotate_writer(w_o, basis_attn)
+        tensors[prefix + "mlp.down_proj.weight"] = rotate_writer(w_down, basis_out)
+        for name, matrix in (("attn_shortcut", shortcut(basis_in, basis_attn)),
+                             ("mlp_shortcut", shortcut(basis_attn, basis_out))):
+            if matrix is not None:
+                tensors[prefix + name + ".weight"] = matrix
+        rss, gpu = peak_memory_mb(run.device)
+        entry = {"step": f"block {i}", "block": i, "points": [point_attn, point_mlp], "mlp": mlp_point,
+                 "seconds": time.time() - start, "peak_rss_mb": rss, "peak_gpu_mb": gpu}
+        self._commit(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, reader_out, entry)
+        mlp_text = (f"MLP {self.intermediate_sizes[i]} of {run.source_config['intermediate_size']} "
+                    f"(output error {mlp_point['local_error']:.4f}, pruning {mlp_point['prune_error']:.4f})"
+                    if mlp_point else f"MLP {self.intermediate_sizes[i]}")
+        log.info("block %d/%d: widths %d->%d->%d, %s, local error attn %.4f mlp %.4f (pca %.4f %.4f), "
+                 "%.1fs (waited %.1fs on reads), peak RSS %.0f MB (anonymous %.0f, file %.0f)%s", i + 1,
+                 run.num_layers, k_in, point_attn["width"], point_mlp["width"], mlp_text,
+                 point_attn["local_error"], point_mlp["local_error"], point_attn["pca_error"], point_mlp["pca_error"],
+                 entry["seconds"], entry["read_wait_seconds"], rss, entry["peak_anon_mb"], entry["peak_file_mb"],
+                 f", GPU {gpu:.0f} MB" if gpu else "")
+
+    def prepare(self, first, progress):
+        if self.run.recipe.basis == "shared" and first < self.run.num_layers:
+            self.shared_basis = self._fit_shared_basis(progress)
+
+    def _fit_shared_basis(self, progress):
+        """One basis for every point (`--basis shared`): a pass over the dense model accumulates each
+        point's moments, weighted so every point counts equally, and the method solves once. With one
+        basis the skip paths are the identity, so the output carries no shortcut matrices."""
+        run = self.run
+        path = run.work_path("shared-basis.safetensors")
+        if os.path.exists(path):
+            return load_file(path)["basis"].to(run.device)
+        d, f = run.hidden, run.family
+        total = Moments(d, run.device)
+
+        def add_point(stats):
+            stats = run.reduce(stats)
+            total.merge(stats, weight=stats.count / float(torch.trace(stats.gram))
+                        if torch.trace(stats.gram) > 0 else 0.0)
+
+        progress.set_postfix_str("shared basis: embedding")
+        views = [run.cache.view("hidden_a", d), run.cache.view("hidden_b", d)]
+        add_point(self._embed_calibration(run.weight(f.embedding), views[0]))
+        for i in range(run.num_layers):
+            progress.set_postfix_str(f"shared basis: block {i}")
+            attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
+            weights = {r: fold_norm(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
+            weights.update({r: fold_norm(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
+            weights.update({w: run.block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
+            layer = self._calibration_layer(i, d, weights)
+            source, target = views[i % 2], views[(i + 1) % 2]
+            attn_stats, mlp_stats = Moments(d, run.device), Moments(d, run.device)
+            with torch.no_grad():
+                for rows in run.cache.batches(run.recipe.batch_size):
+                    x = run.cache.read(source, rows, run.device)
+                    h = layer.attention_residual(x, **attention_inputs(run.block_config, run.rotary, x))
+                    attn_stats.add(h)
+                    y = layer.mlp_residual(h)
+                    mlp_stats.add(y)
+                    run.cache.write(target, rows, y)
+            target.flush()
+            add_point(attn_stats)
+            add_point(mlp_stats)
+        progress.set_postfix_str("shared basis: solving")
+        basis, _ = type(self).solve(total, self.widths[0], self.options)
+        save_tensors(path, {"basis": basis.cpu().contiguous()})
+        log.info("shared basis: width %d, fitted on %d points of the dense model", self.widths[0],
+                 2 * run.num_layers + 1)
+        return basis
+
+    def _narrow_mlp(self, i, layer, scratch, basis_attn_f, mlp_readers, w_down):
+        """One pass for the intermediate activations on the narrowed prefix, then keep k of d_ff neurons."""
+        run = self.run
+        stats = Moments(w_down.shape[1], run.device)
+        with torch.no_grad():
+            for rows in run.cache.batches(run.recipe.batch_size):
+                h = layer.post_attention_layernorm(run.cache.read(scratch, rows, run.device) @ basis_attn_f)
+                stats.add(layer.mlp.act_fn(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+        stats = run.reduce(stats)
+        stats.offload(run.work_path(f"stats-mlp-{i}.f64"))
+        stats.to(run.device)
+        mlp_readers, w_down, info = narrow_mlp(stats, self.intermediate_sizes[i], self.mlp_method,
+                                               self.options, mlp_readers, w_down)
+        stats.discard()
+        run.set_weights(layer, {**mlp_readers, run.family.mlp_writer: w_down})
+        return mlp_readers, w_down, info
+
+    def head(self):
+        """Untied: the head reads the last point, W diag(g) M_last. Tied: the head stays the narrowed
+        embedding E Q_0 and reads through a k_0 x k_last adapter Q_0ᵀ diag(g) M_last."""
+        run, f = self.run, self.run.family
+        _, reader_last = self._load_basis(run.num_layers - 1)
+        scale = run.weight(f.final_norm)
+        if self.tied_head:
+            basis_0 = load_file(run.work_path("basis-embedding.safetensors"))["basis"].to(run.device)
+            return {"head_adapter.weight": rotate_reader(fold_norm(basis_0.T, scale), reader_last)}
+        head = run.weight(f.head if run.reader.has(f.head) else f.embedding)
+        return {"lm_head.weight": by_rows(lambda rows: rotate_reader(fold_norm(rows, scale), reader_last), head)}
+
+    # ---- the output ---------------------------------------------------------------------------
+
+    def output_config(self, config, weight_map):
+        config.update(residual_widths=list(self.widths), intermediate_sizes=self.intermediate_sizes,
+                      shortcuts=[[f"model.layers.{i}.{n}.weight" in weight_map for n in ("attn_shortcut", "mlp_shortcut")]
+                                 for i in range(self.run.num_layers)],
+                      tie_word_embeddings=self.tied_head, head_adapter=self.tied_head)
+        return config
+
+    def record(self, steps):
+        return {"mlp_method": self.mlp_method, "mlp": [step["mlp"] for step in steps if step.get("mlp")]}
+
+    def footprint(self):
+        """What the planner needs of this run (plan.py)."""
+        run, r = self.run, self.run.recipe
+        full = [k == run.hidden and not self.options.get("rotate_full_width", False) for k in self.widths]
+        selection = self.name == "prune" and self.reader_kind == "pinv"
+        per_point = r.basis == "per-point"
+        return MethodFootprint(
+            widths=list(self.widths), intermediate_sizes=list(self.intermediate_sizes), tied_head=self.tied_head,
+            cache_files=3, shortcuts=per_point and (not all(full) or bool(self.options.get("rotate_full_width"))),
+            rotated=[not (f or selection) for f in full],
+            eigh_points=[not f and per_point and (self.name == "pca" or self.options.get("support") == "pca")
+                         for f in full],
+            refit_readers=self.reader_kind == "lstsq")
+
+
+class PcaMethod(SlicingMethod):
+    """SliceGPT-style: the top principal directions at every point."""
+
+    name = "pca"
+    default_head = "untied"
+    OPTIONS = {"reader": READER, "rotate_full_width": ROTATE_FULL_WIDTH}
+    solve = staticmethod(pca.solve)
+
+
+class PruneMethod(SlicingMethod):
+    """Keep the support's neurons, drop the rest: the baseline DOTResize adds its merge to."""
+
+    name = "prune"
+    OPTIONS = {"support": SUPPORT, "reader": READER, "rotate_full_width": ROTATE_FULL_WIDTH}
+    solve = staticmethod(prune.solve)
+
+
+class DotResizeMethod(SlicingMethod):
+    """The support's neurons, with the dropped ones merged in by entropic OT (QR factor kept)."""
+
+    name = "dotresize"
+    OPTIONS = {**TRANSPORT, "reader": Option("lstsq", str, READER.help, READER.choices),
+               "mlp_reader": Option("lstsq", str, MLP_READER.help, MLP_READER.choices),
+               "rotate_full_width": ROTATE_FULL_WIDTH}
+    solve = staticmethod(dotresize.solve)

@@ -1,0 +1,375 @@
+"""The streaming loop, the same for every method and every model family.
+
+    claim the directories -> plan -> (resume) -> method.prepare -> embedding step -> one step per
+    block -> head step -> config, tokenizer, index (the completion marker) -> clean-up
+
+Only one block's weights, one micro-batch of hidden states and the current statistics are ever in
+memory; the hidden states of all calibration sequences live in the activation cache (`cache.py`), and
+every finished step is recorded in a manifest so a crashed run resumes where it stopped. The method
+(`methods/`) decides what each step computes; this module decides when and where things are read,
+written and committed, and names no method and no family.
+"""
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .arch import spec_for
+from .cache import ActivationCache
+from .calibration import calibration_ids
+from .checkpoint import CheckpointReader
+from .commit import BackgroundCommit
+from .errors import StreamResizeError
+from .manifest import MANIFEST, Manifest
+from .memory import MemoryMonitor
+from .methods import registry
+from .modeling.modeling_streamresize import MODEL_TYPE, family_classes
+from .placement import MemoryOptions
+from .plan import check_disk, make_plan
+from .precision import exact_float32_matmuls, resolve_compute_dtype
+from .prefetch import Prefetcher
+from .runtime import crash_point, peak_memory_mb, resolve_device  # noqa: F401  (resolve_device: for the CLI)
+from .workspace import DirectoryLock, WorkDir, check_layout
+from .writer import RUN_LOG, OutputDir, ShardWriter, atomic_write_json
+
+log = logging.getLogger("streamresize")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config keys of the source that an output never inherits.
+NOT_INHERITED = ("architectures", "model_type", "auto_map", "transformers_version", "torch_dtype")
+
+
+def default_work_dir(out_dir):
+    return os.path.abspath(out_dir).rstrip(os.sep) + ".streamresize-work"
+
+
+class Run:
+    """One compression: the source checkpoint, the directories, the method, and the streaming state."""
+
+    def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False):
+        self.model_dir = os.path.abspath(model_dir)
+        self.out_dir = os.path.abspath(out_dir)
+        self.work_dir = os.path.abspath(work_dir or default_work_dir(out_dir))
+        self.recipe = recipe
+        self.restart = restart
+        self.overwrite = overwrite
+        self.memory = memory or MemoryOptions()  # budgets, cache location, prefetch: not in the recipe
+        self.all_reduce = None  # in-place sum across processes; None in a single process
+        check_layout(self.model_dir, self.out_dir, self.work_dir)
+        self.reader = CheckpointReader(self.model_dir)
+        config_path = os.path.join(self.model_dir, "config.json")
+        self.family = spec_for(self.reader.config, config_path)
+        self.family.check(self.reader.config, self.reader.weight_map, config_path)
+        self.source_config = dict(self.reader.config)
+        self.source_config.pop("quantization_config", None)
+        c = self.source_config
+        self.hidden = c["hidden_size"]
+        self.num_layers = c["num_hidden_layers"]
+        self.source_config.setdefault("head_dim", self.hidden // c["num_attention_heads"])
+        self.shape = self.family.shape(self.source_config)
+        self.device = resolve_device(recipe.device)
+        self.compute_dtype = resolve_compute_dtype(recipe.compute_dtype, self.device)
+        self.out_dtype = self.reader.dtype if recipe.dtype == "auto" else DTYPES[recipe.dtype]
+        self.method = registry.build(recipe.method, self)
+        if self.method.fixed_compute_dtype is not None:
+            self.compute_dtype = self.method.fixed_compute_dtype
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def _claim(self):
+        """Lock the output and the work dir, then decide where this run writes: a new or resumable
+        output in place, an output to be replaced (written beside it, swapped in when complete), or
+        nothing at all when the output is already this run's finished result. Returns that result's
+        summary in the last case, else None."""
+        if not self.recipe.dataset:
+            raise StreamResizeError("no calibration text: pass --dataset FILE (.txt or .jsonl) or --dataset random")
+        self.final_out_dir = self.out_dir
+        output = OutputDir(self.out_dir)
+        output.finish_interrupted_swap()
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as e:
+            raise StreamResizeError(f"{self.out_dir}: cannot create the output directory ({e.strerror})") from e
+        self.out_lock = DirectoryLock(self.out_dir, "output directory").acquire()
+        self.workspace = WorkDir(self.work_dir, self.out_dir).claim()
+        self.plan = make_plan(self)  # memory placement and disk needs, from shapes alone
+        check_disk(self.plan)
+        r = self.recipe
+        ids = calibration_ids(self.model_dir, r.dataset, r.num_calibration_samples, r.max_seq_length, r.seed)
+        self.ids = ids
+        self.ids_sha256 = hashlib.sha256(ids.tobytes()).hexdigest()
+        self.signature = {
+            "model": self.reader.signature(),
+            "calibration_ids": self.ids_sha256,
+            "recipe": r.digest(),
+            "version": __version__,
+        }
+        if self.restart:
+            self.workspace.clear()
+        resumable = os.path.exists(os.path.join(self.work_dir, MANIFEST))
+        finished = output.finished_signature()
+        if finished is not None and finished == self.signature and not self.restart:
+            log.info("%s: already holds the finished output of this run; nothing to do", self.out_dir)
+            self.workspace.remove()
+            from .checkpoint import parameter_count
+
+            return {"output": self.out_dir, "parameters": parameter_count(self.out_dir), "already_complete": True}
+        if resumable and os.path.isdir(output.staging_path):
+            self.out_dir = output.staging_path  # an unfinished replacement continues where it was written
+            return None
+        foreign = output.foreign_files() if not resumable else []
+        if foreign:
+            if not (self.overwrite or (self.restart and finished is not None)):
+                shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+                what = ("a finished checkpoint of a different run" if finished is not None
+                        else f"files streamresize did not write ({shown})")
+                raise StreamResizeError(
+                    f"{self.out_dir}: already holds {what}; choose another output, or pass --overwrite "
+                    "(--restart for a streamresize output) to replace it once the new output is complete")
+            self.out_dir = output.staging_path
+            if os.path.isdir(self.out_dir):
+                shutil.rmtree(self.out_dir)  # a replacement nobody can resume: ours, by its name
+            os.makedirs(self.out_dir)
+            log.info("%s will be replaced once the new output in %s is complete", self.final_out_dir, self.out_dir)
+        return None
+
+    def _prepare(self):
+        np.save(os.path.join(self.work_dir, "calibration_ids.npy"), self.ids)
+        self.manifest = Manifest.open(self.work_dir, self.signature, self.restart)
+        placement = self.plan.placement
+        log.info("placement: micro-batch %d sequences, activation cache on %s, prefetch %s, compute %s",
+                 placement.batch_size, placement.cache, placement.prefetch,
+                 str(self.compute_dtype).replace("torch.", ""))
+        self.cache = ActivationCache(self.work_dir, self.ids.shape[0], self.ids.shape[1], self.hidden,
+                                     placement.cache, self.device, placement.batch_size)
+        for name in self.method.cache_files:
+            self.cache.add_file(name)
+        if self.manifest.state["current_cache"]:
+            self.cache.restore(self.manifest.state["current_cache"])
+        self.prefetcher = Prefetcher(self.model_dir, self._group_names, keep=placement.prefetch == "memory",
+                                     pin=self.device.type == "cuda", enabled=placement.prefetch != "off")
+        if self.device.type == "cuda":
+            exact_float32_matmuls()
+        self.writer = ShardWriter(self.out_dir, self.out_dtype)
+        self.writer.clear_completion_marker()
+        self.writer.remove_temp_files()
+        for name, sha in self.manifest.state["shards"].items():
+            if not self.writer.shard_ok(name, sha):
+                raise StreamResizeError(
+                    f"{os.path.join(self.out_dir, name)}: changed or missing since this run wrote it; "
+                    "rerun with --restart")
+        from .modeling.modeling_streamresize import StreamResizeConfig
+
+        self.block_config = StreamResizeConfig(**self.model_config_fields())
+        self.block_config._attn_implementation = "sdpa"
+        rotary_cls = family_classes(self.family.name)[2]
+        self.rotary = rotary_cls(config=self.block_config).to(self.device)
+
+    def model_config_fields(self, **fields):
+        """The source's config without what an output never inherits, plus `fields`."""
+        c = {k: v for k, v in self.source_config.items() if k not in NOT_INHERITED}
+        c.update(base_model_type=self.family.name, **fields)
+        return c
+
+    # ---- services for the methods --------------------------------------------------------------
+
+    def weight(self, name):
+        """A checkpoint tensor as float32 on the device; NaN or Inf in it is refused, naming it."""
+        tensor = self.prefetcher.get(name, torch.float32, self.device)
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise StreamResizeError(f"{self.reader.location(name)[0]}: tensor '{name}' holds {bad} non-finite "
+                                    "value(s) (NaN or Inf); streamresize needs finite weights")
+        return tensor
+
+    def block_weight(self, layer, role):
+        self.prefetcher.schedule(layer + 1)  # the next block reads from disk while this one computes
+        return self.weight(self.family.block_name(layer, role) + ".weight")
+
+    def _group_names(self, layer):
+        """Tensors read for block `layer`; past the last block, those of the head step."""
+        if layer < self.num_layers:
+            prefix = self.family.block.format(i=layer)
+            return sorted(n for n in self.reader.weight_map if n.startswith(prefix))
+        if layer == self.num_layers:
+            head = self.family.head if self.reader.has(self.family.head) else self.family.embedding
+            return [self.family.final_norm] + ([head] if not self.method.tied_head else [])
+        return []
+
+    def as_output(self, tensors):
+        """Float64 transforms cast to the output dtype once nothing else reads them: the same bytes
+        the shard gets, at a quarter of the memory for a bf16 output."""
+        return {name: w.to(self.out_dtype) for name, w in tensors.items()}
+
+    def set_weights(self, layer, weights):
+        for role, w in weights.items():
+            layer.get_submodule(role).weight = torch.nn.Parameter(w.to(self.compute_dtype), requires_grad=False)
+
+    def reduce(self, moments):
+        """Moments summed over every process of the run: the one collective on the math path. A
+        single process (this version) has nothing to add, so it returns them unchanged."""
+        return moments.reduce(self.all_reduce)
+
+    def reduce_tensors(self, *sums):
+        """Plain float64 sums (not Moments) summed over every process, like `reduce`."""
+        if self.all_reduce is not None:
+            for tensor in sums:
+                self.all_reduce(tensor)
+        return sums
+
+    def reduce_count(self, count):
+        """A token count summed over every process, like `reduce`."""
+        if self.all_reduce is None:
+            return count
+        total = torch.tensor([float(count)], dtype=torch.float64, device=self.device)
+        self.all_reduce(total)
+        return int(total.item())
+
+    def work_path(self, name):
+        return os.path.join(self.work_dir, name)
+
+    def begin_block(self, i):
+        """Start of block i: its clock, a fresh GPU peak, and the cache files it reads and writes
+        (the two alternate, so the block's inputs survive until its outputs are committed)."""
+        start = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        crash_point(i, "start")
+        source = self.manifest.state["current_cache"]
+        return start, source, "hidden_b" if source == "hidden_a" else "hidden_a"
+
+    def commit_step(self, step, next_cache, next_width, shard_name, tensors, entry, save=None, obsolete=()):
+        """Write the shard, then the method's resume files (`save()`), then the manifest (the commit
+        point, in the background while the next block computes), then delete `obsolete` work files."""
+        sha = self.writer.write_shard(shard_name, tensors)
+        if save is not None:
+            save()
+        crash_point(step, "committing")
+        self.committer.join()  # the previous step is committed before this one
+        now = time.time()
+        entry.update(self.monitor.step_peaks(), step_seconds=now - self._step_started,
+                     read_wait_seconds=self.prefetcher.take_wait_seconds(),
+                     commit_wait_seconds=self.committer.take_wait_seconds())
+        self._step_started = now
+        self.manifest.update(step + 1, next_cache, {shard_name: sha}, {k: shard_name for k in tensors}, entry)
+        state = self.manifest.serialize()
+        persist = self.cache.persist_later(next_cache, next_width)
+
+        def commit():  # in the background, while the next block computes
+            persist()  # an in-memory cache's file: the resume state
+            self.manifest.save(state)
+            for path in obsolete:
+                if os.path.exists(path):
+                    os.remove(path)
+
+        self.committer.start(commit)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self):
+        start = self._step_started = time.time()
+        self.monitor = MemoryMonitor().start()
+        self.committer = BackgroundCommit()
+        try:
+            return self._run(start)
+        except torch.cuda.OutOfMemoryError as e:
+            raise StreamResizeError(self._out_of_memory_message(e)) from e
+        finally:
+            self.committer.join(raise_errors=False)  # a commit in flight completes: its state is consistent
+            if getattr(self, "prefetcher", None) is not None:
+                self.prefetcher.close()
+            self.monitor.stop()
+            for held in (getattr(self, "workspace", None), getattr(self, "out_lock", None)):
+                if held is not None:
+                    held.release()
+
+    def _out_of_memory_message(self, error):
+        step = self.manifest.next_block if getattr(self, "manifest", None) else None
+        where = f"at block {step}" if step is not None and step >= 0 else "before the first block"
+        placement = self.plan.placement if getattr(self, "plan", None) else None
+        planned = (f"; the plan used a micro-batch of {placement.batch_size} sequences with the activation cache "
+                   f"on {placement.cache}") if placement else ""
+        if self.device.type == "cuda":
+            return (f"{self.device}: out of memory {where}{planned}. Lower --max-gpu-memory (now "
+                    f"{self.memory.describe('gpu')}) so the planner picks a smaller micro-batch and moves the "
+                    f"cache off the GPU, or lower --batch-size; the run resumes where it stopped. ({error})")
+        return (f"out of CPU memory {where}{planned}. Lower --max-cpu-memory (now {self.memory.describe('cpu')}) "
+                f"or --batch-size; the run resumes where it stopped. ({error})")
+
+    def _run(self, start):
+        done = self._claim()
+        if done is not None:
+            return done
+        self._prepare()
+        first = self.manifest.next_block
+        if first > -1:
+            log.info("resuming at block %d of %d from %s", first, self.num_layers, self.work_dir)
+        progress = tqdm(total=self.num_layers + 1, initial=first + 1, desc="compressing", unit="step",
+                        disable=not sys.stderr.isatty(), file=sys.stderr)
+        with progress:
+            self.prefetcher.schedule(max(first, 0))
+            self.method.prepare(first, progress)
+            if first == -1:
+                self.method.embedding(progress)
+                progress.update(1)
+            for i in range(max(first, 0), self.num_layers):
+                self.method.block(i, progress)
+                progress.update(1)
+            progress.set_postfix_str("writing head")
+            self.committer.join()
+            head = self.method.head()
+            sha = self.writer.write_shard("model-head.safetensors", head)
+        weight_map = dict(self.manifest.state["weight_map"])
+        weight_map.update({k: "model-head.safetensors" for k in head})
+        summary = self._finish(weight_map, {**self.manifest.state["shards"], "model-head.safetensors": sha},
+                               time.time() - start)
+        self.reader.close()
+        if self.out_dir != self.final_out_dir:
+            OutputDir(self.final_out_dir).swap_in(self.out_dir)
+            self.out_dir = summary["output"] = self.final_out_dir
+        self.workspace.remove()
+        return summary
+
+    def _finish(self, weight_map, shards, seconds):
+        from .checkpoint import parameter_count  # reads only headers
+        total_bytes = sum(os.path.getsize(os.path.join(self.out_dir, s)) for s in shards)
+        config = self.method.output_config(self.model_config_fields(), weight_map)
+        config.update(architectures=["StreamResizeForCausalLM"], model_type=MODEL_TYPE,
+                      dtype=str(self.out_dtype).replace("torch.", ""),
+                      auto_map={"AutoConfig": "modeling_streamresize.StreamResizeConfig",
+                                "AutoModelForCausalLM": "modeling_streamresize.StreamResizeForCausalLM"})
+        steps = self.manifest.state["log"]
+        source_params = self.reader.parameter_count()
+        # config.json holds only what the computation decided, so a resumed run writes it byte for byte
+        # the same; timings and memory go to RUN_LOG.
+        config["streamresize"] = {
+            "version": __version__, "method": self.recipe.method, "method_options": self.method.options,
+            "recipe": self.recipe.resolved(), "calibration_ids_sha256": self.ids_sha256,
+            "source_parameters": source_params, "points": [p for step in steps for p in step["points"]],
+            **self.method.record(steps),
+        }
+        rss, gpu = peak_memory_mb(self.device)
+        run_log = {"source": self.model_dir, "signature": self.signature, "seconds": seconds,
+                   "peak_rss_mb": rss, "peak_gpu_mb": gpu, "device": str(self.device),
+                   **self.monitor.run_peaks(), "placement": self.plan.placement.as_dict(),
+                   "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+                   "steps": [{k: v for k, v in step.items() if k != "points"} for step in steps]}
+        atomic_write_json(os.path.join(self.out_dir, RUN_LOG), run_log)
+        self.writer.finish(self.model_dir, config, weight_map, total_bytes)
+        params = parameter_count(self.out_dir)
+        summary = {"output": self.out_dir, "parameters": params, "source_parameters": source_params,
+                   "parameter_ratio": params / source_params, "seconds": seconds, "peak_rss_mb": rss}
+        log.info("done: %d parameters (%.1f%% of %d) in %.1fs", params, 100 * params / source_params,
+                 source_params, seconds)
+        return summary
+
+
+def compress(model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False):
+    return Run(model_dir, out_dir, recipe, work_dir, restart, memory, overwrite).run()
