@@ -1,19 +1,17 @@
 """Parameter budget: the output's total parameter count from its widths, and the widths that meet
 a target fraction of the source's parameters (`--target-size`)."""
 
+from .arch.base import BlockShape
 from .errors import StreamResizeError
 
 
 def output_parameters(config, width, intermediate, shortcuts, tied_head):
     """Total stored parameters of a narrowed Llama-family model with uniform widths."""
     vocab, layers = config["vocab_size"], config["num_hidden_layers"]
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    attention = width * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * width * intermediate
+    shape = BlockShape.from_config(config)
     skip = 2 * width * width if shortcuts else 0
     head = width * width if tied_head else vocab * width
-    return vocab * width + head + layers * (attention + mlp + skip)
+    return vocab * width + head + layers * (shape.parameters(shape.narrowed(width, intermediate)) + skip)
 
 
 def widths_for_target(config, target, source_parameters, mlp_ratio, multiple, shortcuts, tied_head,

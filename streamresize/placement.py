@@ -9,6 +9,7 @@ sizes are upper bounds of what the engine holds at once (every narrowed width ta
 import re
 from dataclasses import asdict, dataclass
 
+from .arch.base import BlockShape
 from .errors import StreamResizeError
 
 HEADROOM = 0.9  # plan against 90 % of a budget: allocator fragmentation, CUDA context, small tensors
@@ -99,10 +100,9 @@ def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequ
 
 
 def block_parameters(config):
-    d, ff, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
-    head_dim = config.get("head_dim") or d // heads
-    q, kv = heads * head_dim, (config.get("num_key_value_heads") or heads) * head_dim
-    return d * (2 * q + 2 * kv) + 3 * d * ff + 2 * d
+    """A dense block's parameters: its linears and its two norms."""
+    shape = BlockShape.from_config(config)
+    return shape.parameters(shape.full) + 2 * shape.hidden
 
 
 @dataclass

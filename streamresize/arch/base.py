@@ -23,6 +23,18 @@ class BlockShape:
     def full(self):
         return (self.hidden, self.hidden, self.hidden, self.intermediate, self.hidden)
 
+    @classmethod
+    def from_config(cls, config):
+        """The block's shape from config.json: the one place head geometry is derived."""
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        return cls(config["hidden_size"], config["intermediate_size"], heads * head_dim, kv_heads * head_dim)
+
+    def narrowed(self, width, intermediate):
+        """Index-set sizes of a block whose residual is `width` wide and MLP `intermediate`."""
+        return (width, width, width, intermediate, width)
+
     def parameters(self, widths):
         """Block-linear parameters (q, k, v, o, gate, up, down) at the given index-set sizes."""
         n_attn_in, n_attn_out, n_mlp_in, n_hidden, n_mlp_out = widths
@@ -54,11 +66,11 @@ class ArchSpec:
                 self.mlp_writer)
 
     def shape(self, config):
-        """The block's shape from config.json (the one place head geometry is derived)."""
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        kv_heads = config.get("num_key_value_heads") or heads
-        return BlockShape(config["hidden_size"], config["intermediate_size"], heads * head_dim, kv_heads * head_dim)
+        return BlockShape.from_config(config)
+
+    def mlp_hidden(self, mlp, x):
+        """The MLP's hidden activation, the neurons a width method selects or merges: act(gate x) * up x."""
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
     def check(self, config, tensor_names, where):
         """Refuse what the block code would not carry: declared or stored biases, tensor parallel

@@ -78,8 +78,7 @@ def masked_block(layer, x, m1, m2, m3, m4, m5, position_embeddings):
 
 
 def kept_parameters(shape, masks):
-    n1, n2, n3, n4, n5 = (m.sum(-1) for m in masks)
-    return (n1 * (shape.q_out + 2 * shape.kv_out) + n2 * shape.q_out + n4 * (2 * n3 + n5)).sum()
+    return shape.parameters([m.sum(-1) for m in masks]).sum()
 
 
 def memory_needed(model_dir, shape, layers, vocab, batch, seq):

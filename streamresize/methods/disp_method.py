@@ -203,7 +203,7 @@ class DispMethod(WidthMethod):
             def neurons(rows):
                 h = self._read(scratch, rows)
                 z = layer.post_attention_layernorm(h).index_select(-1, mlp_in)
-                a = mlp.act_fn(mlp.gate_proj(z)) * mlp.up_proj(z)
+                a = self.run.family.mlp_hidden(mlp, z)
                 return a, 1.0 / (h.double().pow(2).mean(-1) + 1e-12)
 
             square, gram = self._moments(batches, neurons, self.shape.intermediate, refit)
@@ -265,7 +265,7 @@ class DispMethod(WidthMethod):
             u, _ = attn(xn, **kwargs)
             h = x + u
             z = layer.post_attention_layernorm(h)
-            a = mlp.act_fn(mlp.gate_proj(z)) * mlp.up_proj(z)
+            a = self.run.family.mlp_hidden(mlp, z)
             m = mlp.down_proj(a)
             y = h + m
             weight = 1.0 / y.double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)

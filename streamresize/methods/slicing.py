@@ -362,7 +362,7 @@ class SlicingMethod(WidthMethod):
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
                 h = layer.post_attention_layernorm(run.cache.read(scratch, rows, run.device) @ basis_attn_f)
-                stats.add(layer.mlp.act_fn(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+                stats.add(run.family.mlp_hidden(layer.mlp, h))
         stats = run.reduce(stats)
         stats.offload(run.work_path(f"stats-mlp-{i}.f64"))
         stats.to(run.device)
