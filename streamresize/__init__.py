@@ -1,6 +1,6 @@
 """streamresize: make large language models narrower, one decoder block at a time."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 
 def load(model_dir, **kwargs):

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .arch import spec_for
 from .cache import ActivationCache
 from .calibration import calibration_ids
@@ -37,6 +36,7 @@ from .plan import check_disk, make_plan
 from .precision import exact_float32_matmuls, resolve_compute_dtype
 from .prefetch import Prefetcher
 from .runtime import crash_point, peak_memory_mb, resolve_device  # noqa: F401  (resolve_device: for the CLI)
+from .version import __version__
 from .workspace import DirectoryLock, WorkDir, check_layout
 from .writer import RUN_LOG, OutputDir, ShardWriter, atomic_write_json
 
