@@ -162,3 +162,17 @@ def test_a_block_tensor_outside_the_known_roles_is_refused(tiny_model, texts, tm
     json.dump(index, open(model / "model.safetensors.index.json", "w"))
     with pytest.raises(StreamResizeError, match="q_proj.bias"):
         streamresize.compress(str(model), str(tmp_path / "out"), method="prune", dataset=[texts["calib"]], **CALIB)
+
+
+@pytest.mark.parametrize("method", sorted(registry.METHODS))
+def test_the_plan_bounds_the_measured_peak(tiny_model, texts, tmp_path, method):
+    """The planner's peak for this process (CPU: anonymous memory) is an upper bound of what the run
+    used, for every method; in a fresh process, so the test session's own memory does not count."""
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_model), str(out), "--method", method, "--sparsity", "0.25", "--mlp-sparsity",
+            "0.25" if method != "disp" else "0", "--dataset", texts["calib"], "--num-calibration-samples", "16",
+            "--max-seq-length", "64", "--device", "cpu"]
+    subprocess.run([sys.executable, "-m", "streamresize", *args], check=True, capture_output=True)
+    run_log = json.load(open(out / "streamresize_run.json"))
+    planned = run_log["placement"]["device_bytes"]
+    assert 0 < run_log["peak_anon_mb"] * 2**20 <= planned
