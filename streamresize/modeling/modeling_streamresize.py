@@ -20,7 +20,9 @@ the shards next to the weights; norms keep their weights, so with every index
 set full a block computes exactly what the dense block computes.
 """
 
+import dataclasses
 import importlib
+import inspect
 
 import torch
 from torch import nn
@@ -39,6 +41,29 @@ FAMILY_MODULES = {
                 "MistralRotaryEmbedding", "MistralRMSNorm"),
 }
 DISP_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")  # the paper's I1 .. I5
+
+
+def _cache_keyword(func):
+    """The name `func` takes the KV cache under: ``cache`` in transformers releases that deprecated
+    ``past_key_values`` (a FutureWarning, removal announced for 5.40), ``past_key_values`` before.
+    Both name the same object, so whichever is used the call computes the same thing."""
+    return "cache" if "cache" in inspect.signature(func).parameters else "past_key_values"
+
+
+MASK_CACHE_KEYWORD = _cache_keyword(create_causal_mask)
+# Output classes renamed their field the same way; the old name is only a logged, deprecated alias.
+OUTPUT_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+                      else "past_key_values")
+
+
+def _one_cache(cache, past_key_values):
+    """Our forwards take the cache as ``cache`` (what generate() passes in current transformers) and
+    still accept ``past_key_values`` (what older transformers and existing callers pass)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")
+    return past_key_values
 
 
 def family_classes(family):
@@ -93,17 +118,17 @@ def _linear(in_features, out_features, bias=False):
     return nn.Linear(in_features, out_features, bias=bias)
 
 
-def attention_inputs(config, rotary_emb, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None):
+def attention_inputs(config, rotary_emb, inputs_embeds, attention_mask=None, position_ids=None, cache=None):
     """Mask and rotary embeddings exactly as the source architecture makes them."""
     if position_ids is None:
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
     mask = create_causal_mask(
         config=config,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        past_key_values=past_key_values,
         position_ids=position_ids,
+        **{MASK_CACHE_KEYWORD: cache},
     )
     return {
         "attention_mask": mask,
@@ -200,7 +225,7 @@ class StreamResizePreTrainedModel(PreTrainedModel):
     config: StreamResizeConfig
     base_model_prefix = "model"
     _no_split_modules = ["StreamResizeDecoderLayer", "DispDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -209,7 +234,8 @@ class StreamResizePreTrainedModel(PreTrainedModel):
 class StreamResizeModel(StreamResizePreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
-        _, _, rotary_cls, norm_cls = family_classes(config.base_model_type)
+        attention_cls, _, rotary_cls, norm_cls = family_classes(config.base_model_type)
+        self.attention_cache_keyword = _cache_keyword(attention_cls.forward)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.width(0))
         layer_cls = DispDecoderLayer if config.disp_widths else StreamResizeDecoderLayer
         self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
@@ -220,18 +246,20 @@ class StreamResizeModel(StreamResizePreTrainedModel):
         self.rotary_emb = rotary_cls(config=config)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, past_key_values=None, **kwargs):
+        cache = _one_cache(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         attention_kwargs = attention_inputs(self.config, self.rotary_emb, inputs_embeds, attention_mask,
-                                            position_ids, past_key_values)
+                                            position_ids, cache)
+        attention_kwargs[self.attention_cache_keyword] = cache
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, past_key_values=past_key_values, **attention_kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+            hidden_states = layer(hidden_states, **attention_kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{OUTPUT_CACHE_FIELD: cache})
 
 
 class StreamResizeForCausalLM(StreamResizePreTrainedModel, GenerationMixin):
@@ -254,10 +282,11 @@ class StreamResizeForCausalLM(StreamResizePreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                             cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:, :]
@@ -267,4 +296,5 @@ class StreamResizeForCausalLM(StreamResizePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      **{OUTPUT_CACHE_FIELD: getattr(outputs, OUTPUT_CACHE_FIELD)})
