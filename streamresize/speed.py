@@ -75,6 +75,19 @@ def weights_mb(model):
     return sum(unique.values()) / 2**20
 
 
+def _cache_keyword(model):
+    """`cache` where transformers renamed `past_key_values` (deprecated, to be removed), else the old name."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    """The KV cache of a model output under its current field name, without touching the deprecated alias."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    return output["cache"] if "cache" in fields and output.get("cache") is not None else output.past_key_values
+
+
 def measure_once(model, prompt, new_tokens, device):
     """(prefill seconds, decode seconds, peak working memory MB) of one greedy generation."""
     with torch.no_grad(), PeakMemory(device) as memory:
@@ -83,12 +96,13 @@ def measure_once(model, prompt, new_tokens, device):
         out = model(prompt, use_cache=True)
         _sync(device)
         prefill = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
         del out
+        keyword = _cache_keyword(model)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, **{keyword: cache}, use_cache=True)
+            cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         decode = time.perf_counter() - start
         del cache, out

@@ -153,12 +153,22 @@ class SlicingMethod(WidthMethod):
             # Nothing to remove: keep the neuron basis, so no skip-path matrices are needed.
             basis, info = torch.eye(width, dtype=torch.float64, device=run.device), {"identity": True}
         else:
-            basis, info = type(self).solve(stats, width, self.options)
+            try:
+                basis, info = type(self).solve(stats, width, self.options)
+            except StreamResizeError as e:
+                raise StreamResizeError(f"point {point} ({self._point_name(point)}), width {width} of "
+                                        f"{run.hidden}: {e}") from e
         reader = basis if self.reader_kind == "pinv" else self._refit_reader(signals, basis)
         info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
                 "pca_error": pca_error(stats.gram, width), **info}
         stats.discard()
         return basis, reader, info
+
+    @staticmethod
+    def _point_name(point):
+        if point == 0:
+            return "the embedding output"
+        return f"block {(point - 1) // 2} after its {'attention' if point % 2 else 'MLP'}"
 
     def _refit_reader(self, signals, basis):
         """Readers refitted by least squares on the inputs they will actually see:
