@@ -9,33 +9,62 @@ import numpy as np
 from .errors import StreamResizeError
 
 
+def read_text(path):
+    """A dataset file's text; a clear error for a file that is not UTF-8 text (binary data, another
+    encoding) or that holds no text at all."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise StreamResizeError(f"{path}: cannot read the dataset file ({e.strerror})") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StreamResizeError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); a dataset file is "
+            "UTF-8 .txt or .jsonl text, not binary data") from None
+    if "\x00" in text:
+        raise StreamResizeError(f"{path}: binary data (a NUL byte at offset {text.index(chr(0))}); a dataset "
+                                "file is UTF-8 .txt or .jsonl text")
+    if not text.strip():
+        raise StreamResizeError(f"{path}: empty: the dataset file holds no text")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as a file opened in text mode reads
+
+
 def read_documents(paths):
     """Documents from .txt (split at blank lines) and .jsonl (the `text` field of each record)."""
     documents = []
     for path in paths:
         if not os.path.isfile(path):
             raise StreamResizeError(f"{path}: dataset file not found")
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError as e:
-                        raise StreamResizeError(f"{path}:{lineno}: not valid JSON: {e}") from e
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise StreamResizeError(f"{path}:{lineno}: a jsonl record needs a string 'text' field")
-                    documents.append(record["text"])
-        elif path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            documents.extend(p.strip() for p in text.split("\n\n") if p.strip())
-        else:
+        if not path.endswith((".jsonl", ".txt")):
             raise StreamResizeError(f"{path}: unsupported dataset format; use .txt or .jsonl")
+        text = read_text(path)
+        if path.endswith(".jsonl"):
+            records = []
+            for lineno, line in enumerate(text.split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise StreamResizeError(f"{path}:{lineno}: not valid JSON: {e}") from e
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise StreamResizeError(f"{path}:{lineno}: a jsonl record needs a string 'text' field")
+                records.append(record["text"])
+            if not any(r.strip() for r in records):
+                raise StreamResizeError(f"{path}: empty: no record has any text")
+            documents.extend(records)
+        else:
+            documents.extend(p.strip() for p in text.split("\n\n") if p.strip())
     if not documents:
         raise StreamResizeError(f"{', '.join(paths)}: no text found")
     return documents
+
+
+# Files one of which every tokenizer transformers can load from a directory has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
 
 
 def load_tokenizer(model_dir):
@@ -43,6 +72,11 @@ def load_tokenizer(model_dir):
 
     from .loading import register_auto_classes
 
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        raise StreamResizeError(
+            f"{model_dir}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); text needs the model's own "
+            "tokenizer: copy its tokenizer files into this directory, or pass --dataset random (random token "
+            "ids, no tokenizer needed; for measuring runs only)")
     register_auto_classes()
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
@@ -61,10 +95,16 @@ def token_stream(tokenizer, documents):
 
 
 def sample_windows(stream, num_samples, seq_length, seed, source="dataset"):
-    """`num_samples` windows of `seq_length` tokens at seeded random offsets; no padding ever."""
-    if len(stream) < seq_length:
+    """`num_samples` windows of `seq_length` tokens at seeded random offsets; no padding ever. The text
+    must hold at least num_samples x seq_length tokens: less would repeat the same text many times over."""
+    needed = num_samples * seq_length
+    if len(stream) < needed:
+        fit = len(stream) // seq_length
+        lower = (f"lower --num-calibration-samples to at most {fit} or --max-seq-length" if fit else
+                 f"lower --max-seq-length to at most {len(stream)}" if len(stream) else "add text")
         raise StreamResizeError(
-            f"{source}: only {len(stream)} tokens, fewer than --max-seq-length {seq_length}")
+            f"{source}: only {len(stream)} tokens, but --num-calibration-samples {num_samples} x "
+            f"--max-seq-length {seq_length} needs {needed}; {lower}, or give more calibration text")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(stream) - seq_length + 1, size=num_samples)
     return np.stack([stream[s:s + seq_length] for s in starts])
@@ -79,9 +119,12 @@ def random_spec(paths):
         return False
     _, _, seed = paths[0].partition(":")
     try:
-        return int(seed) if seed else None
+        value = int(seed) if seed else None
     except ValueError as e:
         raise StreamResizeError(f"--dataset {paths[0]}: expected random or random:SEED (an integer)") from e
+    if value is not None and value < 0:
+        raise StreamResizeError(f"--dataset {paths[0]}: the seed must be at least 0")
+    return value
 
 
 def random_ids(model_dir, num_samples, seq_length, seed):

@@ -17,6 +17,10 @@ INTEGER_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+ITEM_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
+              "I64": 8, "U64": 8}
+CONVERT_HINT = ("convert the checkpoint to float32, bfloat16 or float16 first (e.g. load it with transformers and "
+                "save_pretrained it with dtype=torch.bfloat16); a quantized checkpoint must be de-quantized first")
 
 
 def read_safetensors_header(path):
@@ -43,7 +47,12 @@ def header_length(path):
 class CheckpointReader:
     """Tensors by name from `model.safetensors` or sharded `model-*-of-*.safetensors` + index."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, check=True):
+        """Reads config.json and every shard's header (no tensor data). Refuses, naming the file and
+        tensor: unsupported dtypes, and shards shorter than their headers say (truncated). With `check`,
+        a checkpoint of a family streamresize compresses is also checked against its config.json before
+        any weight is read: no quantization_config, floating-point block weights, and every tensor's
+        shape (`check_shapes`)."""
         self.model_dir = os.path.abspath(model_dir)
         config_path = os.path.join(self.model_dir, "config.json")
         if not os.path.isdir(self.model_dir):
@@ -55,19 +64,141 @@ class CheckpointReader:
                 self.config = json.load(f)
         except ValueError as e:
             raise StreamResizeError(f"{config_path}: not valid JSON: {e}") from e
+        if not isinstance(self.config, dict):
+            raise StreamResizeError(f"{config_path}: not a JSON object")
         self.weight_map = self._weight_map()
         self.headers = {}
+        self._data_start = {}
         for shard in sorted(set(self.weight_map.values())):
-            self.headers[shard] = read_safetensors_header(os.path.join(self.model_dir, shard))
+            path = os.path.join(self.model_dir, shard)
+            self.headers[shard] = read_safetensors_header(path)
+            self._data_start[shard] = 8 + header_length(path)
         for name, shard in self.weight_map.items():
             info = self.headers[shard].get(name)
             if info is None:
                 raise StreamResizeError(f"{os.path.join(self.model_dir, shard)}: index lists '{name}' but the shard lacks it")
+            if not isinstance(info, dict) or "dtype" not in info or "shape" not in info or "data_offsets" not in info:
+                raise StreamResizeError(f"{os.path.join(self.model_dir, shard)}: header entry of '{name}' is not "
+                                        "a safetensors tensor (dtype, shape, data_offsets)")
             if info["dtype"] not in SUPPORTED_DTYPES and info["dtype"] not in INTEGER_DTYPES:
                 raise StreamResizeError(
                     f"{os.path.join(self.model_dir, shard)}: tensor '{name}' has dtype {info['dtype']}; "
-                    f"supported: {', '.join(SUPPORTED_DTYPES)}")
-        self._data_start = {}
+                    f"supported: {', '.join(SUPPORTED_DTYPES)}; {CONVERT_HINT}")
+        self._check_extents()
+        if check:
+            self.check_source()
+
+    def _check_extents(self):
+        """Every tensor's bytes lie inside its shard and match its shape: a truncated shard (an
+        interrupted download or copy) is refused now, from the headers and the file sizes, not when
+        its tensor is read after hours of work."""
+        for shard, header in sorted(self.headers.items()):
+            path = os.path.join(self.model_dir, shard)
+            size = os.path.getsize(path)
+            for name, info in sorted(header.items()):
+                if name == "__metadata__" or not isinstance(info, dict) or "data_offsets" not in info:
+                    continue
+                try:
+                    start, end = (int(v) for v in info["data_offsets"])
+                    count = 1
+                    for dim in info["shape"]:
+                        count *= int(dim)
+                except (TypeError, ValueError):
+                    raise StreamResizeError(f"{path}: header entry of '{name}' has malformed shape or "
+                                            "data_offsets") from None
+                item = ITEM_SIZES.get(info.get("dtype"))
+                if item is not None and end - start != count * item:
+                    raise StreamResizeError(
+                        f"{path}: tensor '{name}' has shape {list(info['shape'])} ({info['dtype']}, "
+                        f"{count * item} bytes) but data_offsets [{start}, {end}] hold {end - start} bytes; "
+                        "the shard's header is corrupt")
+                if self._data_start[shard] + end > size:
+                    raise StreamResizeError(
+                        f"{path}: truncated: tensor '{name}' ends at byte {self._data_start[shard] + end} but the "
+                        f"file has {size} bytes; download or copy the checkpoint again")
+
+    def check_source(self):
+        """For a checkpoint whose config.json names a family streamresize compresses (arch/): refuse a
+        quantized checkpoint, integer block weights and any tensor shape config.json contradicts. Other
+        checkpoints (streamresize outputs, unsupported families) are not checked here."""
+        from .arch import specs
+
+        architectures = self.config.get("architectures") or []
+        spec = next((s for s in specs() if any(a in s.architectures for a in architectures)), None)
+        if spec is None:
+            return
+        config_path = os.path.join(self.model_dir, "config.json")
+        if self.config.get("quantization_config"):
+            method = self.config["quantization_config"]
+            method = method.get("quant_method", "unknown") if isinstance(method, dict) else "unknown"
+            raise StreamResizeError(
+                f"{config_path}: a quantized checkpoint (quantization_config, quant_method {method}); "
+                "streamresize reads float32, bfloat16 or float16 weights: de-quantize it first (e.g. load it "
+                "with transformers, call model.dequantize() and save_pretrained it), then compress the result")
+        self.check_shapes(self.config, spec)
+
+    def check_shapes(self, config, spec):
+        """Every tensor a block, the embedding, the final norm and the head are read from exists, is
+        floating point and has the shape config.json implies (hidden_size, intermediate_size, heads x
+        head_dim, kv heads x head_dim, vocab_size); no block beyond num_hidden_layers. Headers only."""
+        config_path = os.path.join(self.model_dir, "config.json")
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StreamResizeError(f"{config_path}: {key} is {value!r}; expected a whole number above 0")
+        for key in ("head_dim", "num_key_value_heads"):
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise StreamResizeError(f"{config_path}: {key} is {value!r}; expected a whole number above 0")
+        hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        layers = config["num_hidden_layers"]
+        dims = {"hidden": (hidden, f"hidden_size {hidden}"),
+                "inter": (inter, f"intermediate_size {inter}"),
+                "q": (heads * head_dim, f"num_attention_heads {heads} x head_dim {head_dim}"),
+                "kv": (kv_heads * head_dim, f"num_key_value_heads {kv_heads} x head_dim {head_dim}"),
+                "vocab": (vocab, f"vocab_size {vocab}")}
+        # The roles of a Llama-layout block (every family in arch/ has it): q reads hidden into heads x
+        # head_dim, k and v into kv heads x head_dim, o writes back; gate and up widen to the
+        # intermediate size, down narrows back.
+        q, *kv = spec.attn_readers
+        block = {spec.attn_norm: ("hidden",), spec.mlp_norm: ("hidden",), q: ("q", "hidden"),
+                 **{role: ("kv", "hidden") for role in kv}, spec.attn_writer: ("hidden", "q"),
+                 **{role: ("inter", "hidden") for role in spec.mlp_readers}, spec.mlp_writer: ("hidden", "inter")}
+        expected = {spec.embedding: ("vocab", "hidden"), spec.final_norm: ("hidden",)}
+        if self.has(spec.head):
+            expected[spec.head] = ("vocab", "hidden")
+        for i in range(layers):
+            for role, shape in block.items():
+                expected[spec.block_name(i, role) + ".weight"] = shape
+        for name, shape in expected.items():
+            if not self.has(name):
+                raise StreamResizeError(
+                    f"{self.model_dir}: the checkpoint lacks '{name}', which config.json (num_hidden_layers "
+                    f"{layers}) implies")
+            shard = self.weight_map[name]
+            info = self.headers[shard][name]
+            where = os.path.join(self.model_dir, shard)
+            if info["dtype"] not in SUPPORTED_DTYPES:
+                raise StreamResizeError(
+                    f"{where}: tensor '{name}' has dtype {info['dtype']}, an integer weight (a quantized "
+                    f"checkpoint?); supported: {', '.join(SUPPORTED_DTYPES)}; {CONVERT_HINT}")
+            want = [dims[d][0] for d in shape]
+            if list(info["shape"]) != want:
+                meaning = ", ".join(dict.fromkeys(dims[d][1] for d in shape))
+                raise StreamResizeError(
+                    f"{where}: tensor '{name}' has shape {list(info['shape'])}, but config.json ({meaning}) "
+                    f"implies {want}; the checkpoint and its config.json do not belong together")
+        prefix, _, _ = spec.block.partition("{i}")
+        for name in sorted(self.weight_map):
+            if name.startswith(prefix):
+                index = name[len(prefix):].split(".", 1)[0]
+                if index.isdigit() and int(index) >= layers:
+                    raise StreamResizeError(
+                        f"{os.path.join(self.model_dir, self.weight_map[name])}: the checkpoint holds '{name}', "
+                        f"but config.json says num_hidden_layers {layers}")
 
     def _weight_map(self):
         index_path = os.path.join(self.model_dir, INDEX_NAME)
@@ -160,4 +291,5 @@ class CheckpointReader:
 
 
 def parameter_count(model_dir):
-    return CheckpointReader(model_dir).parameter_count()
+    """Parameters as stored, from headers only; any checkpoint (also one streamresize would not compress)."""
+    return CheckpointReader(model_dir, check=False).parameter_count()

@@ -1,19 +1,31 @@
 """Command line: `streamresize compress`, `plan`, `eval` and `report`."""
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
 
 from .errors import StreamResizeError
+from .runtime import EXIT_RESUMABLE, Preempted
 
 log = logging.getLogger("streamresize")
+
+EXIT_CODES = f"""exit status:
+  0   done (also when OUT_DIR already holds the finished output of the same command)
+  2   bad input, options or state, or a full disk: the message names the file or option and what to
+      do (--debug shows the traceback); nothing incomplete is ever marked complete
+  {EXIT_RESUMABLE}  stopped by SIGTERM, SIGINT or SIGUSR1 (EXIT_RESUMABLE): the run stops at the next step
+      boundary (a second signal: at once); rerun the same command to resume, so a scheduler may
+      requeue the job on this status
+  1   an unexpected error (a bug: the traceback is printed)"""
 
 
 def _compress_parser(sub):
     p = sub.add_parser("compress", help="narrow a checkpoint one decoder block at a time",
-                       description="Compress MODEL_DIR (sharded safetensors) into OUT_DIR, streaming one block at a time.")
+                       description="Compress MODEL_DIR (sharded safetensors) into OUT_DIR, streaming one block at a time.",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     _run_options(p)
@@ -158,7 +170,10 @@ def parse_options(pairs):
         if "=" not in pair:
             raise StreamResizeError(f"--option {pair}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = yaml.safe_load(value)  # safe: a !!python tag is an error, never run
+        except yaml.YAMLError as e:
+            raise StreamResizeError(f"--option {pair}: not a plain value ({e})".replace("\n", " ")) from None
     return options
 
 
@@ -172,13 +187,52 @@ def _recipe_and_memory(args):
     return recipe, memory
 
 
+def _writable(path):
+    """True when `path` (or, if it does not exist yet, the nearest folder above it) can be written."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.access(path, os.W_OK | os.X_OK) if os.path.isdir(path) else os.access(path, os.W_OK)
+
+
+def check_writable(out_dir, work_dir):
+    """Refuse a read-only output or work dir before any work (permission bits only: they do not stop
+    root). A finished output is left to the run (a rerun of the same command writes nothing there)."""
+    from .checkpoint import INDEX_NAME
+    from .pipeline import default_work_dir
+
+    finished = os.path.exists(os.path.join(out_dir, INDEX_NAME))
+    for what, path, option in (("output directory", out_dir, "OUT_DIR"),
+                               ("work dir", work_dir or default_work_dir(out_dir), "--work-dir")):
+        if what == "output directory" and finished:
+            continue
+        if not _writable(path):
+            raise StreamResizeError(f"{os.path.abspath(path)}: the {what} is not writable (read-only or no "
+                                    f"permission); make it writable or choose another {option}")
+
+
 def run_compress(args):
+    from .runtime import install_stop_handlers
+
+    recipe, memory = _recipe_and_memory(args)  # checked before the heavy imports below
+    check_writable(args.out_dir, args.work_dir)
     from .pipeline import compress
 
-    recipe, memory = _recipe_and_memory(args)
     log.info("compressing %s -> %s with %s", args.model_dir, args.out_dir, recipe.resolved())
-    return compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart,
-                    memory=memory, overwrite=args.overwrite)
+    restore = install_stop_handlers()
+    try:
+        result = compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart,
+                          memory=memory, overwrite=args.overwrite)
+    except Preempted:
+        raise  # the handlers stay: a further signal while the process exits still exits resumable, at once
+    except BaseException:
+        restore()
+        raise
+    restore()
+    return result
 
 
 def run_plan(args):
@@ -235,23 +289,105 @@ def run_report(args):
 COMMANDS = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "report": run_report}
 
 
+def _mount_of(path):
+    """(device, mount point) of the file system holding `path`, from /proc/self/mounts; None if unknown."""
+    path = os.path.realpath(path)
+    best = None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 2:
+                    continue
+                device, mount = fields[0], fields[1].replace("\\040", " ")
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and \
+                        (best is None or len(mount) > len(best[1])):
+                    best = (device, mount)
+    except OSError:
+        pass
+    return best
+
+
+def _fullest(paths):
+    """Of `paths` (or the nearest existing folders above them), the one with the least free space."""
+    best = None
+    for path in paths:
+        path = os.path.abspath(path)
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            continue
+        if best is None or st.f_bavail * st.f_frsize < best[0]:
+            best = (st.f_bavail * st.f_frsize, path)
+    return best[1] if best else None
+
+
+def _os_error_message(error, paths=()):
+    """A clear message for an OSError anywhere in `error`'s chain that the user can act on (a full
+    disk, a read-only or forbidden path), or None. `paths`: where the command writes (output, work
+    dir), to name the full file system when the error does not name its file."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        enospc = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or \
+            "No space left on device" in text or "os error 28" in text
+        if enospc:
+            path = getattr(error, "filename", None) or _fullest(paths)
+            where = _mount_of(path) if path else None
+            device = f"{where[0]} ({where[1]})" if where else "device"
+            what = (" writing " if getattr(error, "filename", None) else " holding ") + str(path) if path else ""
+            return (f"no space left on {device}{what}; free space and rerun the same command to resume (what "
+                    "was committed is kept)")
+        if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and error.filename:
+            return (f"{error.filename}: {error.strerror}; make it writable (or readable) or choose another "
+                    "directory, then rerun the same command")
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="streamresize", description=__doc__)
+    parser = argparse.ArgumentParser(prog="streamresize", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
     _compress_parser(sub)
     _plan_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, show the traceback instead of the one-line message")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         result = COMMANDS[args.command](args)
     except StreamResizeError as e:
+        if args.debug:
+            raise
         log.error("%s", e)
         return 2
+    except Preempted:
+        return EXIT_RESUMABLE  # the pipeline logged where it stopped
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         log.error("interrupted; run the same command again to resume")
         return 130
+    except Exception as e:
+        paths = [p for p in (getattr(args, "out_dir", None), getattr(args, "work_dir", None)) if p]
+        if args.command == "compress" and not getattr(args, "work_dir", None):
+            from .pipeline import default_work_dir
+
+            paths.append(default_work_dir(args.out_dir))
+        message = _os_error_message(e, paths)
+        if message is None or args.debug:
+            raise
+        log.error("%s", message)
+        return 2
     print(json.dumps(result, default=str))
     return 0
 

@@ -304,6 +304,17 @@ class Run:
                 f"or --batch-size; the run resumes where it stopped. ({error})")
 
     def _run(self, start):
+        from .runtime import Preempted, stop_requested
+
+        def stop_if_requested(step):
+            """A signal asked the run to stop: let the commit in flight land, then stop, resumable."""
+            name = stop_requested()
+            if name is not None:
+                self.committer.join()
+                message = f"stopped by {name} after {step}; rerun the same command to resume"
+                log.warning("%s", message)
+                raise Preempted(message, name)
+
         done = self._claim()
         if done is not None:
             return done
@@ -319,9 +330,11 @@ class Run:
             if first == -1:
                 self.method.embedding(progress)
                 progress.update(1)
+                stop_if_requested("the embedding step")
             for i in range(max(first, 0), self.num_layers):
                 self.method.block(i, progress)
                 progress.update(1)
+                stop_if_requested(f"block {i + 1}/{self.num_layers}")  # numbered as the block's log line
             progress.set_postfix_str("writing head")
             self.committer.join()
             head = self.method.head()

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 import yaml
@@ -36,8 +37,91 @@ class Recipe:
     def resolved(self):
         return dataclasses.asdict(self)
 
+    def validate(self, sources=None):
+        """Check every value's type and range before any long work; numbers written as strings in YAML
+        (`1e-3` is a string to YAML 1.1) are converted. `sources` maps an option to the recipe file it
+        came from (the others came from the command line or the caller). Raises a StreamResizeError
+        naming the option, where it came from and what is wrong. Returns self."""
+        sources = sources or {}
+
+        def bad(name, problem, value=None):
+            value = getattr(self, name) if value is None else value
+            where = f"{sources[name]}: {name}: {value!r}" if name in sources else f"{_flag(name)} {value!r}"
+            return StreamResizeError(f"{where}: {problem}")
+
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (isinstance(value, float) and not (math.isfinite(value) and value == int(value))):
+                raise bad(name, "expected a whole number")
+            setattr(self, name, int(value))
+        for name in FLOAT_FIELDS + ("mlp_ratio",):
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_FIELDS:
+                continue
+            if name == "mlp_ratio" and isinstance(value, str) and value.strip() == "fill":
+                self.mlp_ratio = "fill"
+                continue
+            expected = "a number or 'fill'" if name == "mlp_ratio" else "a number"
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise bad(name, f"expected {expected}")
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise bad(name, f"expected {expected}") from None
+            if not math.isfinite(value):
+                raise bad(name, "expected a finite number", value)
+            setattr(self, name, value)  # an int stays as written: the recipe's digest is of what was given
+        for name in ("num_calibration_samples", "max_seq_length", "batch_size", "width_multiple"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        if self.seed < 0:
+            raise bad("seed", "must be at least 0")
+        if self.mlp_ratio != "fill" and self.mlp_ratio < 0:
+            raise bad("mlp_ratio", "must be at least 0")
+        for name in ("sparsity", "mlp_sparsity"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "must be at least 0 and below 1 (the fraction removed)")
+        if self.target_size is not None and not 0 < self.target_size <= 1:
+            raise bad("target_size", "must be above 0 and at most 1 (the fraction of the source's parameters kept)")
+        from .methods.registry import METHODS
+
+        for name, choices in {**CHOICES, "method": tuple(sorted(METHODS))}.items():
+            if getattr(self, name) not in choices:
+                raise bad(name, f"choose from {', '.join(choices)}")
+        if not isinstance(self.device, str) or not self.device:
+            raise bad("device", "expected auto, cpu, cuda or cuda:N")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise bad("device", "expected auto, cpu, cuda or cuda:N") from None
+        if not isinstance(self.dataset, list) or not all(isinstance(d, str) and d for d in self.dataset):
+            raise bad("dataset", "expected file names (or random)")
+        if self.method_options is None:
+            self.method_options = {}
+        if not isinstance(self.method_options, dict):
+            raise bad("method_options", "expected a mapping of option: value")
+        return self
+
     def digest(self):
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+
+
+INT_FIELDS = ("num_calibration_samples", "max_seq_length", "batch_size", "seed", "width_multiple")
+FLOAT_FIELDS = ("sparsity", "mlp_sparsity", "target_size")
+OPTIONAL_FIELDS = ("target_size",)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+CHOICES = {"mlp_method": ("auto", "prune", "dotresize"), "basis": ("per-point", "shared"),
+           "allocation": ("uniform", "global", "learned"), "head": ("auto", "tied", "untied"),
+           "dtype": DTYPE_CHOICES, "compute_dtype": DTYPE_CHOICES}
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def load_recipe(path=None, overrides=None, method_options=None):
@@ -54,7 +138,11 @@ def load_recipe(path=None, overrides=None, method_options=None):
             raise StreamResizeError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(values, dict):
             raise StreamResizeError(f"{path}: a recipe is a mapping of option: value")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    sources = {k: path for k in values}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for k in given:
+        sources.pop(k, None)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name for f in dataclasses.fields(Recipe)}
     unknown = sorted(set(values) - known)
@@ -64,4 +152,6 @@ def load_recipe(path=None, overrides=None, method_options=None):
         values["method_options"] = {**(values.get("method_options") or {}), **method_options}
     if isinstance(values.get("dataset"), str):
         values["dataset"] = [values["dataset"]]
-    return Recipe(**values)
+    if isinstance(values.get("dataset"), tuple):
+        values["dataset"] = list(values["dataset"])
+    return Recipe(**values).validate(sources)

@@ -53,6 +53,18 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _umask():
+    """The process's umask, read without changing it (os.umask sets it, a race with the commit thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022  # kernels before 4.7 do not show it: the common default
+
+
 def fsync_file(path):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -100,6 +112,7 @@ class ShardWriter:
         save_file({k: (v.to(self.dtype) if v.is_floating_point() else v).contiguous().cpu()
                    for k, v in tensors.items()}, tmp,
                   metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; a shard is a normal file, as config.json
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
