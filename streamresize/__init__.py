@@ -18,5 +18,6 @@ def compress(model_dir, out_dir, recipe=None, **options):
     work_dir = options.pop("work_dir", None)
     restart = options.pop("restart", False)
     overwrite = options.pop("overwrite", False)
+    save_format = options.pop("save_format", "auto")
     return run(model_dir, out_dir, load_recipe(recipe, options), work_dir=work_dir, restart=restart,
-               overwrite=overwrite)
+               overwrite=overwrite, save_format=save_format)

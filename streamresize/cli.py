@@ -34,6 +34,19 @@ def _compress_parser(sub):
                         "OUT_DIR is replaced once the new one is complete)")
     p.add_argument("--overwrite", action="store_true",
                    help="OUT_DIR may hold other files: they are replaced, once the new output is complete")
+    p.add_argument("--save-format", choices=["auto", "stock", "bundled"], default="auto",
+                   help="auto (default): the source's own architecture (LlamaForCausalLM, ...) when it holds the "
+                        "result exactly, which transformers, vLLM, llama.cpp and TGI load with no remote code; "
+                        "else bundled (our modeling file, trust_remote_code). stock: refuse unless it fits")
+
+
+def _export_parser(sub):
+    p = sub.add_parser("export", help="write a finished output in another format",
+                       description="Convert the finished streamresize output IN_DIR into OUT_DIR as --format "
+                                   "(exactly, or refused with the reason); IN_DIR is only read.")
+    p.add_argument("in_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--format", choices=["auto", "stock", "bundled"], default="stock")
 
 
 def _plan_parser(sub):
@@ -225,7 +238,7 @@ def run_compress(args):
     restore = install_stop_handlers()
     try:
         result = compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart,
-                          memory=memory, overwrite=args.overwrite)
+                          memory=memory, overwrite=args.overwrite, save_format=args.save_format)
     except Preempted:
         raise  # the handlers stay: a further signal while the process exits still exits resumable, at once
     except BaseException:
@@ -286,7 +299,34 @@ def run_report(args):
     return {"report": path, "files": sorted(os.listdir(out_dir))}
 
 
-COMMANDS = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "report": run_report}
+def run_export(args):
+    from .formats import export
+    from .workspace import DirectoryLock, inside
+
+    src, dst = os.path.abspath(args.in_dir), os.path.abspath(args.out_dir)
+    if inside(dst, src) or inside(src, dst):
+        raise StreamResizeError(f"{dst}: the export must not be the input, inside it, or hold it")
+    if os.path.isdir(dst) and os.listdir(dst):
+        raise StreamResizeError(f"{dst}: not empty; export writes into a new or empty directory")
+    created = not os.path.exists(dst)
+    os.makedirs(dst, exist_ok=True)
+    lock = DirectoryLock(dst, "export directory").acquire()
+    try:
+        fmt = export(src, dst, args.format)
+    except BaseException:
+        if created:  # a refused export leaves nothing behind
+            import shutil
+
+            shutil.rmtree(dst, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+    log.info("wrote %s as %s", dst, fmt)
+    return {"output": dst, "format": fmt}
+
+
+COMMANDS = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "report": run_report,
+            "export": run_export}
 
 
 def _mount_of(path):
@@ -358,6 +398,7 @@ def main(argv=None):
     _plan_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
+    _export_parser(sub)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="on an error, show the traceback instead of the one-line message")

@@ -8,6 +8,8 @@ names a step whose files are complete, and a crash at any moment resumes from a 
 import threading
 import time
 
+from .runtime import current_step, fault_point, set_thread_step
+
 
 class BackgroundCommit:
     def __init__(self):
@@ -18,12 +20,14 @@ class BackgroundCommit:
     def start(self, work):
         """Run work() in a background thread, after the previous commit has finished."""
         self.join()
-        self._thread = threading.Thread(target=self._run, args=(work,), name="streamresize-commit")
+        self._thread = threading.Thread(target=self._run, args=(work, current_step()), name="streamresize-commit")
         self._thread.start()
 
-    def _run(self, work):
+    def _run(self, work, step):
+        set_thread_step(step)  # the test points of the writes below are named by the step they commit
         try:
             work()
+            fault_point("committed")  # the manifest saved, the obsolete files removed
         except BaseException as e:  # handed to the engine's thread at the next join
             self._error = e
 

@@ -24,9 +24,10 @@ from tqdm import tqdm
 from .arch import spec_for
 from .cache import ActivationCache
 from .calibration import calibration_ids
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, parameter_count
 from .commit import BackgroundCommit
 from .errors import StreamResizeError
+from .formats import FORMATS, export, write_bundled_card
 from .manifest import MANIFEST, Manifest
 from .memory import MemoryMonitor
 from .methods import registry
@@ -35,9 +36,9 @@ from .placement import MemoryOptions
 from .plan import check_disk, make_plan
 from .precision import exact_float32_matmuls, resolve_compute_dtype
 from .prefetch import Prefetcher
-from .runtime import crash_point, peak_memory_mb, resolve_device  # noqa: F401  (resolve_device: for the CLI)
+from .runtime import crash_point, peak_memory_mb, resolve_device, set_step  # noqa: F401  (resolve_device: for the CLI)
 from .version import __version__
-from .workspace import DirectoryLock, WorkDir, check_layout
+from .workspace import BUNDLED_DIR, DirectoryLock, WorkDir, check_layout
 from .writer import RUN_LOG, OutputDir, ShardWriter, atomic_write_json
 
 log = logging.getLogger("streamresize")
@@ -53,13 +54,17 @@ def default_work_dir(out_dir):
 class Run:
     """One compression: the source checkpoint, the directories, the method, and the streaming state."""
 
-    def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False):
+    def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False,
+                 save_format="auto"):
         self.model_dir = os.path.abspath(model_dir)
         self.out_dir = os.path.abspath(out_dir)
         self.work_dir = os.path.abspath(work_dir or default_work_dir(out_dir))
         self.recipe = recipe
         self.restart = restart
         self.overwrite = overwrite
+        if save_format not in FORMATS:
+            raise StreamResizeError(f"--save-format {save_format}: choose from {', '.join(FORMATS)}")
+        self.save_format = save_format
         self.memory = memory or MemoryOptions()  # budgets, cache location, prefetch: not in the recipe
         self.all_reduce = None  # in-place sum across processes; None in a single process
         check_layout(self.model_dir, self.out_dir, self.work_dir)
@@ -80,10 +85,24 @@ class Run:
         self.method = registry.build(recipe.method, self)
         if self.method.fixed_compute_dtype is not None:
             self.compute_dtype = self.method.fixed_compute_dtype
+        problem = self.method.stock_problem() if save_format == "stock" else None
+        if problem:  # known from the widths alone: refuse before any work
+            raise StreamResizeError(f"{self.out_dir}: cannot be written as a stock checkpoint: {problem}; "
+                                    "use --save-format auto or bundled")
 
     # ---- set-up -----------------------------------------------------------------------------
 
     def _claim(self):
+        """`_claim_output`, then where the shards go: straight into the output for the bundled format,
+        else into a bundled copy in the work dir that `formats.export` writes out at the end."""
+        done = self._claim_output()
+        self.publish_dir = self.out_dir
+        if done is None and self.save_format != "bundled":
+            self.out_dir = self.work_path(BUNDLED_DIR)
+            os.makedirs(self.out_dir, exist_ok=True)
+        return done
+
+    def _claim_output(self):
         """Lock the output and the work dir, then decide where this run writes: a new or resumable
         output in place, an output to be replaced (written beside it, swapped in when complete), or
         nothing at all when the output is already this run's finished result. Returns that result's
@@ -110,6 +129,7 @@ class Run:
             "calibration_ids": self.ids_sha256,
             "recipe": r.digest(),
             "version": __version__,
+            "save_format": self.save_format,
         }
         if self.restart:
             self.workspace.clear()
@@ -118,8 +138,6 @@ class Run:
         if finished is not None and finished == self.signature and not self.restart:
             log.info("%s: already holds the finished output of this run; nothing to do", self.out_dir)
             self.workspace.remove()
-            from .checkpoint import parameter_count
-
             return {"output": self.out_dir, "parameters": parameter_count(self.out_dir), "already_complete": True}
         if resumable and os.path.isdir(output.staging_path):
             self.out_dir = output.staging_path  # an unfinished replacement continues where it was written
@@ -241,6 +259,7 @@ class Run:
         start = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        set_step(i)
         crash_point(i, "start")
         source = self.manifest.state["current_cache"]
         return start, source, "hidden_b" if source == "hidden_a" else "hidden_a"
@@ -315,6 +334,7 @@ class Run:
                 log.warning("%s", message)
                 raise Preempted(message, name)
 
+        set_step("claim")
         done = self._claim()
         if done is not None:
             return done
@@ -326,8 +346,10 @@ class Run:
                         disable=not sys.stderr.isatty(), file=sys.stderr)
         with progress:
             self.prefetcher.schedule(max(first, 0))
+            set_step("prepare")
             self.method.prepare(first, progress)
             if first == -1:
+                set_step(-1)
                 self.method.embedding(progress)
                 progress.update(1)
                 stop_if_requested("the embedding step")
@@ -337,21 +359,32 @@ class Run:
                 stop_if_requested(f"block {i + 1}/{self.num_layers}")  # numbered as the block's log line
             progress.set_postfix_str("writing head")
             self.committer.join()
+            set_step("head")
+            crash_point("head", "start")
             head = self.method.head()
             sha = self.writer.write_shard("model-head.safetensors", head)
         weight_map = dict(self.manifest.state["weight_map"])
         weight_map.update({k: "model-head.safetensors" for k in head})
+        set_step("finish")
         summary = self._finish(weight_map, {**self.manifest.state["shards"], "model-head.safetensors": sha},
                                time.time() - start)
         self.reader.close()
-        if self.out_dir != self.final_out_dir:
-            OutputDir(self.final_out_dir).swap_in(self.out_dir)
-            self.out_dir = summary["output"] = self.final_out_dir
+        if self.publish_dir != self.out_dir:
+            summary["format"] = export(self.out_dir, self.publish_dir, self.save_format, link=True,
+                                       name=self.final_out_dir)
+            summary["parameters"] = parameter_count(self.publish_dir)
+            summary["parameter_ratio"] = summary["parameters"] / summary["source_parameters"]
+            log.info("written as %s to %s", summary["format"], self.publish_dir)
+        else:
+            summary["format"] = "bundled"
+        if self.publish_dir != self.final_out_dir:
+            OutputDir(self.final_out_dir).swap_in(self.publish_dir)
+        self.out_dir = summary["output"] = self.final_out_dir
+        set_step("cleanup")
         self.workspace.remove()
         return summary
 
     def _finish(self, weight_map, shards, seconds):
-        from .checkpoint import parameter_count  # reads only headers
         total_bytes = sum(os.path.getsize(os.path.join(self.out_dir, s)) for s in shards)
         config = self.method.output_config(self.model_config_fields(), weight_map)
         config.update(architectures=["StreamResizeForCausalLM"], model_type=MODEL_TYPE,
@@ -375,7 +408,8 @@ class Run:
                    "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
                    "steps": [{k: v for k, v in step.items() if k != "points"} for step in steps]}
         atomic_write_json(os.path.join(self.out_dir, RUN_LOG), run_log)
-        self.writer.finish(self.model_dir, config, weight_map, total_bytes)
+        card = (lambda: write_bundled_card(self.out_dir, config, weight_map)) if self.publish_dir == self.out_dir else None
+        self.writer.finish(self.model_dir, config, weight_map, total_bytes, before_index=card)
         params = parameter_count(self.out_dir)
         summary = {"output": self.out_dir, "parameters": params, "source_parameters": source_params,
                    "parameter_ratio": params / source_params, "seconds": seconds, "peak_rss_mb": rss}
@@ -384,5 +418,6 @@ class Run:
         return summary
 
 
-def compress(model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False):
-    return Run(model_dir, out_dir, recipe, work_dir, restart, memory, overwrite).run()
+def compress(model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False,
+             save_format="auto"):
+    return Run(model_dir, out_dir, recipe, work_dir, restart, memory, overwrite, save_format).run()

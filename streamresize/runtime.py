@@ -87,15 +87,65 @@ def stop_requested():
     return _stop["signal"]
 
 
+# ---- test hooks -----------------------------------------------------------------------------------
+
+CRASH_ENV = "STREAMRESIZE_CRASH_AT"
+PAUSE_ENV = "STREAMRESIZE_PAUSE_AT"
+CRASH_STATUS = 75
+
+# The step the run is in: "claim", "prepare", -1 (the embedding), a block's number, "head", "finish",
+# "cleanup". The pipeline sets it (`set_step`); a background commit carries the step it commits
+# (`set_thread_step`), so the points of writers that do not know the step are still named by it.
+_current = {"step": None}
+_thread = threading.local()
+_hits = {}
+_hits_lock = threading.Lock()
+
+
+def set_step(step):
+    """The step the pipeline is in from now on; names the test points of code that does not know it."""
+    _current["step"] = step
+
+
+def set_thread_step(step):
+    """The step of work done in this thread (a background commit) whatever the main thread does meanwhile."""
+    _thread.step = step
+
+
+def current_step():
+    return getattr(_thread, "step", _current["step"])
+
+
+def fault_point(phase):
+    """`crash_point` at `phase` of the current step (`set_step`): for code below the pipeline (the
+    writers, the manifest, the work dir's clean-up) that does not know which step it serves."""
+    if CRASH_ENV in os.environ or PAUSE_ENV in os.environ:
+        _hook(f"{current_step()}:{phase}")
+
+
 def crash_point(block, phase):
-    """Test hooks at named points of the run (BLOCK:PHASE, e.g. 2:start). STREAMRESIZE_CRASH_AT kills
-    the process there, as a power cut would. STREAMRESIZE_PAUSE_AT (comma-separated points) writes
-    "paused at BLOCK:PHASE" to stderr and waits there until a signal arrives (at most 120 s), so that a
-    test can deliver one at a known moment."""
-    point = f"{block}:{phase}"
-    if os.environ.get("STREAMRESIZE_CRASH_AT") == point:
-        os._exit(75)
-    if point in os.environ.get("STREAMRESIZE_PAUSE_AT", "").split(","):
+    """Test hooks at named points of the run (STEP:PHASE, e.g. 2:start). STREAMRESIZE_CRASH_AT kills
+    the process there with os._exit(75), as a power cut would (no clean-up, no handlers, no flush);
+    POINT#N kills at the N-th time the run passes POINT (a point in a loop). STREAMRESIZE_PAUSE_AT
+    (comma-separated points) writes "paused at POINT" to stderr and waits there until a signal arrives
+    (at most 120 s), so that a test can deliver one at a known moment. With neither variable set a
+    hook costs two dictionary look-ups."""
+    if CRASH_ENV in os.environ or PAUSE_ENV in os.environ:
+        _hook(f"{block}:{phase}")
+
+
+def _hook(point):
+    crash = os.environ.get(CRASH_ENV)
+    if crash:
+        if crash == point:
+            os._exit(CRASH_STATUS)
+        name, sep, nth = crash.rpartition("#")
+        if sep and name == point:
+            with _hits_lock:
+                _hits[point] = count = _hits.get(point, 0) + 1
+            if str(count) == nth:
+                os._exit(CRASH_STATUS)
+    if point in os.environ.get(PAUSE_ENV, "").split(","):
         seen = _stop["count"]
         _write_stderr(f"INFO paused at {point}")
         deadline = time.monotonic() + 120

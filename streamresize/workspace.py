@@ -13,11 +13,14 @@ import fcntl
 import fnmatch
 import json
 import os
+import shutil
 
 from .errors import StreamResizeError
+from .runtime import fault_point
 
 WORK_MARKER = ".streamresize-work"  # {"output": OUT_DIR}: this folder is a streamresize work dir
-FALLBACK_LOCK = ".streamresize.lock"  # where a directory itself cannot be locked (some network file systems)
+FALLBACK_LOCK = ".streamresize.lock"
+BUNDLED_DIR = ".streamresize-bundled"  # the pipeline's own output when another format is published  # where a directory itself cannot be locked (some network file systems)
 # Every name a run writes into its work dir (the activation cache, statistics, bases, resume state).
 WORK_FILES = ("manifest.json", "manifest.json.tmp", "calibration_ids.npy", "calibration_ids.npy.tmp",
               "hidden_a.f32", "hidden_b.f32", "scratch.f32", "update.f32", "*.f32.tmp", "stats-*.f64",
@@ -147,19 +150,25 @@ class WorkDir:
 
     def clear(self, keep_marker=True):
         """Remove the run's files (for --restart, and after success), never anything else."""
+        bundled = os.path.join(self.path, BUNDLED_DIR)
+        if os.path.isdir(bundled) and os.path.exists(os.path.join(self.path, WORK_MARKER)):
+            shutil.rmtree(bundled)  # named by the run, inside a folder the run claimed
         for name in self.own_files():
             if keep_marker and name in (WORK_MARKER, FALLBACK_LOCK):
                 continue
             os.remove(os.path.join(self.path, name))
+            fault_point("removed")  # test point: STEP:removed#N, after the N-th file
 
     def remove(self):
         """After a finished run: the run's files, then the folder itself if nothing else is left in it.
         The marker goes last, so a kill in between leaves a folder a rerun still recognises."""
+        fault_point("removing")  # test point: nothing removed yet
         self.clear(keep_marker=True)
         for name in (FALLBACK_LOCK, WORK_MARKER):
             path = os.path.join(self.path, name)
             if os.path.exists(path):
                 os.remove(path)
+        fault_point("unmarked")  # test point: the marker gone, the folder not yet
         self.release()
         try:
             os.rmdir(self.path)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from .checkpoint import INDEX_NAME
 
 from .errors import StreamResizeError
+from .runtime import fault_point
 
 MODELING_FILE = "modeling_streamresize.py"
 RUN_LOG = "streamresize_run.json"  # timings and memory; the one output file that differs between runs
@@ -38,6 +39,17 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def _replace(tmp, path):
+    """The last part of every atomic write: the complete, synced temp file renamed over `path`, then
+    the directory synced. Test points: STEP:tmp:NAME (temp file complete, not renamed) and
+    STEP:renamed:NAME (renamed, directory not synced)."""
+    name = os.path.basename(path)
+    fault_point("tmp:" + name)
+    os.replace(tmp, path)
+    fault_point("renamed:" + name)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
 def atomic_write_bytes(path, data):
     """Temp file, fsync, rename: a reader never sees a half-written file."""
     tmp = f"{path}.tmp"
@@ -45,8 +57,7 @@ def atomic_write_bytes(path, data):
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    _replace(tmp, path)
 
 
 def atomic_write_json(path, obj):
@@ -74,8 +85,7 @@ def save_tensors(path, tensors):
     """safetensors file written like every other resume file: temp file, fsync, rename."""
     save_file(tensors, f"{path}.tmp")
     fsync_file(f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-    fsync_dir(os.path.dirname(path) or ".")
+    _replace(f"{path}.tmp", path)
 
 
 def check_finite(path, tensors):
@@ -115,21 +125,23 @@ class ShardWriter:
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; a shard is a normal file, as config.json
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.out_dir)
+        _replace(tmp, path)
         return file_sha256(path)
 
     def shard_ok(self, name, sha256):
         path = os.path.join(self.out_dir, name)
         return os.path.isfile(path) and file_sha256(path) == sha256
 
-    def finish(self, model_dir, config, weight_map, total_size):
-        """Config, modeling code and tokenizer first; the index last, as the completion marker."""
+    def finish(self, model_dir, config, weight_map, total_size, before_index=None):
+        """Config, modeling code, tokenizer (and `before_index()`) first; the index last, as the
+        completion marker."""
         atomic_write_json(os.path.join(self.out_dir, "config.json"), config)
         modeling = os.path.join(os.path.dirname(__file__), "modeling", MODELING_FILE)
         with open(modeling, "rb") as f:
             atomic_write_bytes(os.path.join(self.out_dir, MODELING_FILE), f.read())
         copy_tokenizer_files(model_dir, self.out_dir)
+        if before_index is not None:
+            before_index()
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_json(os.path.join(self.out_dir, INDEX_NAME), index)
 
@@ -165,6 +177,7 @@ def copy_tokenizer_files(model_dir, out_dir):
                     atomic_write_json(dst, config)
                     continue
             shutil.copyfile(src, dst)
+            fault_point("copied:" + name)
 
 
 class OutputDir:
@@ -195,7 +208,9 @@ class OutputDir:
     def swap_in(self, staging):
         """Replace this (old) output by the complete one in `staging`: rename, rename, then delete."""
         os.rename(self.path, self.replaced_path)
+        fault_point("swap:old-aside")  # test point: no output at all for a moment
         os.rename(staging, self.path)
+        fault_point("swap:new-in-place")  # test point: the old output not yet deleted
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         shutil.rmtree(self.replaced_path)
 

@@ -20,3 +20,10 @@ def spec_for(config, where="config.json"):
             return spec
     supported = ", ".join(a for s in specs() for a in s.architectures)
     raise StreamResizeError(f"{where}: architectures {architectures or '(none)'} not supported; supported: {supported}")
+
+
+def spec_named(name):
+    """The spec of family `name` (an output config's base_model_type)."""
+    if name not in FAMILIES:
+        raise StreamResizeError(f"model family '{name}' unknown; known: {', '.join(FAMILIES)}")
+    return importlib.import_module(f"{__name__}.{name}").SPEC

@@ -46,6 +46,10 @@ class WidthMethod:
         """The output's config.json fields this method decides, on top of the source's."""
         raise NotImplementedError
 
+    def stock_problem(self):
+        """Why this run's result cannot be a stock checkpoint, if that is known before it runs."""
+        return None
+
     def record(self, steps):
         """Method-specific entries for config.json's "streamresize" record."""
         return {}

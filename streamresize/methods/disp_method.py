@@ -19,9 +19,10 @@ import time
 import torch
 
 from ..errors import StreamResizeError
+from ..formats import DISP_PROBLEM
 from ..modeling.modeling_streamresize import DispDecoderLayer, StreamResizeConfig, attention_inputs
 from ..plan import MethodFootprint
-from ..runtime import crash_point, peak_memory_mb
+from ..runtime import crash_point, fault_point, peak_memory_mb
 from ..writer import atomic_write_json
 from . import disp, disp_learned
 from .base import WidthMethod
@@ -111,6 +112,7 @@ class DispMethod(WidthMethod):
             if gram:
                 second += (z * weight).T @ z
             count += z.shape[0]
+            fault_point("accumulating")
         square, count = self.run.reduce_tensors(square)[0], self.run.reduce_count(count)
         if gram:
             self.run.reduce_tensors(second)
@@ -162,6 +164,7 @@ class DispMethod(WidthMethod):
                 w = weights[r]
                 self.run.set_weights(layer, {r: disp.refit_columns(w, gram, attn_in) if refit else w[:, attn_in]})
             layer.attn_in_index = attn_in
+            fault_point("selected")
             kept = {"attn_in": kept_share(scores, attn_in)}
 
             status("attention outputs")
@@ -196,6 +199,7 @@ class DispMethod(WidthMethod):
                 w = weights[r]
                 self.run.set_weights(layer, {r: disp.refit_columns(w, gram, mlp_in) if refit else w[:, mlp_in]})
             layer.mlp_in_index = mlp_in
+            fault_point("selected")
             kept["mlp_in"] = kept_share(scores, mlp_in)
 
             status("MLP neurons")
@@ -214,6 +218,7 @@ class DispMethod(WidthMethod):
             self.run.set_weights(layer, {f.mlp_writer: disp.refit_columns(w_down, gram, hidden) if refit
                                       else w_down[:, hidden]})
             kept["mlp_hidden"] = kept_share(scores, hidden)
+            fault_point("selected")
 
             status("MLP outputs")
 
@@ -358,6 +363,7 @@ class DispMethod(WidthMethod):
                 progress.set_postfix_str(f"error curves: block {i}")
                 block = self._block_curves(i, self._dense_weights(i), views[i % 2], views[(i + 1) % 2], batches)
                 curves.append(block)
+                fault_point("curves")
                 log.info("error curves block %d (error at the narrowest level measured): %s", i,
                          ", ".join(f"{g} {min(c.items())[1]:.4f}" for g, c in zip(disp.GROUPS, block)))
         return curves
@@ -468,6 +474,9 @@ class DispMethod(WidthMethod):
         return MethodFootprint(widths=[run.hidden] * points, intermediate_sizes=[self.shape.intermediate] * run.num_layers,
                                tied_head=self.tied_head, cache_files=3 + len(self.cache_files), shortcuts=False,
                                rotated=[False] * points, eigh_points=[False] * points, refit_readers=False)
+
+    def stock_problem(self):
+        return DISP_PROBLEM
 
     def output_config(self, config, weight_map):
         config.update(residual_widths=None, intermediate_sizes=None, shortcuts=None, head_adapter=False,

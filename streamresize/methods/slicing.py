@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from ..budget import widths_for_target
 from ..errors import StreamResizeError
+from ..formats import NARROW_PROBLEM, SHORTCUT_PROBLEM
 from ..plan import MethodFootprint
 from ..modeling.modeling_streamresize import StreamResizeConfig, StreamResizeDecoderLayer, attention_inputs
 from ..precision import compute_in
-from ..runtime import crash_point, peak_memory_mb
+from ..runtime import crash_point, fault_point, peak_memory_mb
 from ..statistics import Moments, pca_error, relative_error
 from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
 from ..writer import save_tensors
@@ -158,7 +159,11 @@ class SlicingMethod(WidthMethod):
             except StreamResizeError as e:
                 raise StreamResizeError(f"point {point} ({self._point_name(point)}), width {width} of "
                                         f"{run.hidden}: {e}") from e
-        reader = basis if self.reader_kind == "pinv" else self._refit_reader(signals, basis)
+            fault_point("solved")
+        # A point kept whole in its own basis is read as it is: a refit would only move the readers by
+        # its ridge, and the identity keeps the head adapter diagonal (a stock output's final norm).
+        identity = info.get("identity", False)
+        reader = basis if self.reader_kind == "pinv" or identity else self._refit_reader(signals, basis)
         info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
                 "pca_error": pca_error(stats.gram, width), **info}
         stats.discard()
@@ -206,6 +211,7 @@ class SlicingMethod(WidthMethod):
             x = embedding[torch.from_numpy(run.ids[rows[0]:rows[1]]).to(run.device)]
             run.cache.write(view, rows, x)
             stats.add(x)
+            fault_point("accumulating")
         view.flush()
         return stats
 
@@ -215,6 +221,7 @@ class SlicingMethod(WidthMethod):
         """Point 0: the embedding output, computed from the calibration token ids."""
         run = self.run
         start = time.time()
+        crash_point(-1, "start")
         progress.set_postfix_str("embedding: calibrating")
         embedding = run.weight(run.family.embedding)
         stats = self._embed_calibration(embedding, run.cache.view("hidden_a", run.hidden))
@@ -258,6 +265,7 @@ class SlicingMethod(WidthMethod):
                 signal = x @ basis_in_t + update
                 run.cache.write(scratch, rows, signal)
                 stats.add(signal)
+                fault_point("accumulating")
         scratch.flush()
         crash_point(i, "solving")
         progress.set_postfix_str(f"block {i}: solving attention point")
@@ -284,6 +292,7 @@ class SlicingMethod(WidthMethod):
                 signal = narrowed @ basis_attn_t + layer.mlp(layer.post_attention_layernorm(narrowed))
                 run.cache.write(view_out, rows, signal)
                 stats.add(signal)
+                fault_point("accumulating")
         view_out.flush()
         progress.set_postfix_str(f"block {i}: solving MLP point")
         basis_out, reader_out, point_mlp = self._solve_point(stats, 2 * i + 2, target)
@@ -358,6 +367,7 @@ class SlicingMethod(WidthMethod):
             target.flush()
             add_point(attn_stats)
             add_point(mlp_stats)
+            fault_point("shared-basis")
         progress.set_postfix_str("shared basis: solving")
         basis, _ = type(self).solve(total, self.widths[0], self.options)
         save_tensors(path, {"basis": basis.cpu().contiguous()})
@@ -378,6 +388,7 @@ class SlicingMethod(WidthMethod):
         stats.to(run.device)
         mlp_readers, w_down, info = narrow_mlp(stats, self.intermediate_sizes[i], self.mlp_method,
                                                self.options, mlp_readers, w_down)
+        fault_point("narrowed")
         stats.discard()
         run.set_weights(layer, {**mlp_readers, run.family.mlp_writer: w_down})
         return mlp_readers, w_down, info
@@ -402,6 +413,14 @@ class SlicingMethod(WidthMethod):
                                  for i in range(self.run.num_layers)],
                       tie_word_embeddings=self.tied_head, head_adapter=self.tied_head)
         return config
+
+    def stock_problem(self):
+        if self.run.recipe.basis == "per-point" and (min(self.widths) < self.run.hidden
+                                                     or self.options.get("rotate_full_width")):
+            return SHORTCUT_PROBLEM
+        if min(self.widths) < self.run.hidden:
+            return NARROW_PROBLEM
+        return None
 
     def record(self, steps):
         return {"mlp_method": self.mlp_method, "mlp": [step["mlp"] for step in steps if step.get("mlp")]}
