@@ -110,6 +110,8 @@ class Run:
         if not self.recipe.dataset:
             raise StreamResizeError("no calibration text: pass --dataset FILE (.txt or .jsonl) or --dataset random")
         self.final_out_dir = self.out_dir
+        self.plan = make_plan(self)  # memory placement and disk needs, from shapes alone: before any
+        check_disk(self.plan)  # directory is made, so a refused run leaves nothing behind
         output = OutputDir(self.out_dir)
         output.finish_interrupted_swap()
         try:
@@ -118,8 +120,6 @@ class Run:
             raise StreamResizeError(f"{self.out_dir}: cannot create the output directory ({e.strerror})") from e
         self.out_lock = DirectoryLock(self.out_dir, "output directory").acquire()
         self.workspace = WorkDir(self.work_dir, self.out_dir).claim()
-        self.plan = make_plan(self)  # memory placement and disk needs, from shapes alone
-        check_disk(self.plan)
         r = self.recipe
         ids = calibration_ids(self.model_dir, r.dataset, r.num_calibration_samples, r.max_seq_length, r.seed)
         self.ids = ids

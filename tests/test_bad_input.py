@@ -70,9 +70,9 @@ def test_output_inside_model_dir_is_refused(tiny_model, texts, tmp_path):
     assert not (model / "out").exists()
 
 
-def test_finished_output_is_not_overwritten_without_restart(tiny_model, texts, tmp_path):
+def test_finished_output_is_not_overwritten_without_restart(tiny_model, texts, tmp_path, pca_quarter):
     out = tmp_path / "out"
-    cli(*compress_args(tiny_model, out, texts["calib"], sparsity=0.25))
+    shutil.copytree(pca_quarter.out, out)  # the finished output of `compress --sparsity 0.25`
     # The same run again is a no-op that succeeds (test_reliability.py); another run is refused.
     r = cli(*compress_args(tiny_model, out, texts["calib"], sparsity=0.5), check=False)
     assert r.returncode == 2 and "already holds a finished checkpoint of a different run" in r.stderr

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import streamresize
 from streamresize.checkpoint import parameter_count
-from streamresize.engine import RUN_LOG
+from streamresize.writer import RUN_LOG
 from streamresize.methods import disp
 
 GROUPS = ("attn_in_index", "attn_out_index", "mlp_in_index", "mlp_out_index")
@@ -155,11 +155,22 @@ def test_refit_option_runs_and_lowers_block_error(tiny_model, texts, tmp_path):
     assert errors[True][0] < errors[False][0]
 
 
+GLOBAL_RUN = dict(method="disp", sparsity=0.3, allocation="global", option="curve_samples=6")
+
+
+@pytest.fixture(scope="module")
+def global_reference(tiny_model, texts, tmp_path_factory):
+    """The uninterrupted global-allocation run, once for the crash matrix (read-only)."""
+    reference = tmp_path_factory.mktemp("disp-global") / "reference"
+    cli(*compress_args(tiny_model, reference, texts["calib"], **GLOBAL_RUN))
+    return reference
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["-1:start", "1:solving", "3:committing"])
-def test_resumed_global_run_is_byte_identical(tiny_model, texts, tmp_path, crash_at):
-    args = dict(method="disp", sparsity=0.3, allocation="global", option="curve_samples=6")
-    reference = tmp_path / "reference"
-    cli(*compress_args(tiny_model, reference, texts["calib"], **args))
+def test_resumed_global_run_is_byte_identical(tiny_model, texts, tmp_path, global_reference, crash_at):
+    """The crashed run is a separate process; the resumed one runs in this process."""
+    args, reference = GLOBAL_RUN, global_reference
     out = tmp_path / "out"
     crashed = cli(*compress_args(tiny_model, out, texts["calib"], **args), env={"STREAMRESIZE_CRASH_AT": crash_at},
                   check=False)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import streamresize
 from streamresize.checkpoint import parameter_count
-from streamresize.engine import RUN_LOG
+from streamresize.writer import RUN_LOG
 
 
 def _ids(seed=0, shape=(2, 24), vocab=300):
@@ -57,9 +57,8 @@ def test_bf16_input_stays_bf16_and_tracks_dense(tiny_model_bf16, texts, tmp_path
     assert (ours - dense).abs().max().item() < 0.05 * dense.abs().max().item()
 
 
-def test_streaming_matches_in_memory_reference(tiny_model, texts, tmp_path):
-    out = tmp_path / "out"
-    _compress(tiny_model, out, texts, sparsity=0.25)
+def test_streaming_matches_in_memory_reference(tiny_model, texts, pca_quarter):
+    out = pca_quarter.out  # compress --sparsity 0.25
     ids = torch.from_numpy(_calibration_ids(tiny_model, texts))
     expected = reference_pca(tiny_model, ids, 0.25)
     got = _weights(out)
@@ -76,9 +75,9 @@ def _calibration_ids(model, texts):
     return calibration_ids(model, [texts["calib"]], CALIB["num_calibration_samples"], CALIB["max_seq_length"], 0)
 
 
-def test_sparsity_quarter_has_recorded_widths_fewer_parameters_and_loads(tiny_model, texts, tmp_path):
-    out = tmp_path / "out"
-    summary = _compress(tiny_model, out, texts, sparsity=0.25)
+def test_sparsity_quarter_has_recorded_widths_fewer_parameters_and_loads(tiny_model, pca_quarter, tmp_path):
+    out = pca_quarter.out  # compress --sparsity 0.25
+    summary = json.loads(pca_quarter.result.stdout.strip().splitlines()[-1])
     config = read_config(out)
     assert config["residual_widths"] == [48] * (2 * config["num_hidden_layers"] + 1)
     assert [p["width"] for p in config["streamresize"]["points"]] == config["residual_widths"]
@@ -93,15 +92,13 @@ def test_sparsity_quarter_has_recorded_widths_fewer_parameters_and_loads(tiny_mo
     assert (logits - streamresize.load(str(out))(_ids()).logits.detach()).abs().max() < 1e-5
 
 
-def test_input_directory_is_untouched(tiny_model, texts, tmp_path):
-    before = tree_digest(tiny_model)
-    _compress(tiny_model, tmp_path / "out", texts, sparsity=0.25)
-    assert tree_digest(tiny_model) == before
+def test_input_directory_is_untouched(tiny_model, pca_quarter):
+    # pca_quarter took the digest just before its run; every run of the session since has read it too
+    assert tree_digest(tiny_model) == pca_quarter.input_digest
 
 
-def test_work_dir_removed_and_output_complete(tiny_model, texts, tmp_path):
-    out = tmp_path / "out"
-    _compress(tiny_model, out, texts, sparsity=0.25)
+def test_work_dir_removed_and_output_complete(pca_quarter):
+    out = pca_quarter.out  # compress --sparsity 0.25
     assert not os.path.exists(str(out) + ".streamresize-work")
     index = json.load(open(out / "model.safetensors.index.json"))
     assert set(index["weight_map"].values()) <= set(os.listdir(out))
@@ -109,11 +106,12 @@ def test_work_dir_removed_and_output_complete(tiny_model, texts, tmp_path):
     assert read_config(out)["auto_map"]["AutoModelForCausalLM"] == "modeling_streamresize.StreamResizeForCausalLM"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["0:solving", "2:start", "1:propagating", "2:committing", "-1:committing"])
-def test_resumed_run_is_byte_identical(tiny_model, texts, tmp_path, crash_at):
-    """Crash (os._exit, no clean-up) inside a block or between blocks, resume, compare every byte."""
-    reference = tmp_path / "reference"
-    cli(*compress_args(tiny_model, reference, texts["calib"], sparsity=0.25))
+def test_resumed_run_is_byte_identical(tiny_model, texts, tmp_path, pca_quarter, crash_at):
+    """Crash (os._exit, no clean-up) inside a block or between blocks, resume, compare every byte with
+    the uninterrupted run. The crashed run is a separate process; the resumed one runs in this process."""
+    reference = pca_quarter.out  # the same command, never interrupted
     out = tmp_path / "out"
     crashed = cli(*compress_args(tiny_model, out, texts["calib"], sparsity=0.25),
                   env={"STREAMRESIZE_CRASH_AT": crash_at}, check=False)

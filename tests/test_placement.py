@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import streamresize
 from streamresize import plan as plan_module
-from streamresize.engine import StreamingCompressor
+from streamresize.pipeline import Run
 from streamresize.errors import StreamResizeError
 from streamresize.placement import (HEADROOM, HOST_BASE, Footprint, MemoryOptions, footprint, parse_size,
                                     pinned_size, place)
@@ -100,7 +100,7 @@ def test_parse_size_refuses_nonsense(text):
 
 def _compressor(model, out, texts, memory=None, **options):
     recipe = load_recipe(None, {**CALIB, "dataset": [texts["calib"]], **options})
-    return StreamingCompressor(model, str(out), recipe, memory=memory)
+    return Run(model, str(out), recipe, memory=memory)
 
 
 ELEMENT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
@@ -116,7 +116,7 @@ def _tensor_bytes(path):
     return sizes
 
 
-def test_plan_sizes_match_the_tensors_read_and_written(tiny_model, texts, tmp_path):
+def test_plan_sizes_match_the_tensors_read_and_written(tiny_model, texts, tmp_path, pca_quarter):
     out = tmp_path / "out"
     compressor = _compressor(tiny_model, out, texts, sparsity=0.25)
     plan = make_plan(compressor)
@@ -134,11 +134,11 @@ def test_plan_sizes_match_the_tensors_read_and_written(tiny_model, texts, tmp_pa
     n, seq = CALIB["num_calibration_samples"], CALIB["max_seq_length"]
     assert plan.cache_bytes == 3 * n * seq * config["hidden_size"] * 4
 
-    streamresize.compress(tiny_model, str(out), dataset=[texts["calib"]], sparsity=0.25, **CALIB)
+    compressed = pca_quarter.out  # what this recipe (sparsity 0.25, CALIB) wrote
     written = {"embedding": "model-embed.safetensors", "head": "model-head.safetensors",
                **{f"block {i}": f"model-block-{i:05d}.safetensors" for i in range(config["num_hidden_layers"])}}
     for name, shard in written.items():
-        assert steps[name].output_bytes == sum(_tensor_bytes(os.path.join(out, shard)).values()), name
+        assert steps[name].output_bytes == sum(_tensor_bytes(os.path.join(compressed, shard)).values()), name
 
 
 def test_plan_command_prints_a_row_per_step_and_json(tiny_model, texts, tmp_path):

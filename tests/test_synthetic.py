@@ -4,13 +4,12 @@ without a tokenizer, and a valid checkpoint out."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import cli
+from helpers import cli, run_script
 from safetensors.torch import load_file
 
 import streamresize
@@ -36,8 +35,8 @@ def test_shapes_have_the_real_models_parameter_counts(shape):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "tiny"
-    result = subprocess.run([sys.executable, os.path.join(TOOLS, "make_synthetic.py"), "--shape", "tiny",
-                             "--out", str(out), "--shard-size", "100KB"], capture_output=True, text=True, check=True)
+    result = run_script(os.path.join(TOOLS, "make_synthetic.py"), "--shape", "tiny", "--out", out,
+                        "--shard-size", "100KB")
     return str(out), json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -65,8 +64,7 @@ def test_synthetic_checkpoint_is_valid_sharded_bf16(synthetic):
 def test_tensor_values_do_not_depend_on_the_shard_size(synthetic, tmp_path):
     path, _ = synthetic
     other = tmp_path / "one-shard"
-    subprocess.run([sys.executable, os.path.join(TOOLS, "make_synthetic.py"), "--shape", "tiny", "--out", str(other)],
-                   capture_output=True, check=True)
+    run_script(os.path.join(TOOLS, "make_synthetic.py"), "--shape", "tiny", "--out", other)
     a, b = CheckpointReader(path), CheckpointReader(str(other))
     assert len(set(b.weight_map.values())) == 1
     for name in a.weight_map:
