@@ -40,6 +40,25 @@ def _compress_parser(sub):
                         "else bundled (our modeling file, trust_remote_code). stock: refuse unless it fits")
 
 
+def _methods_parser(sub):
+    sub.add_parser("methods", help="the width methods, what --sparsity means for each, and their -o options")
+
+
+def run_methods(args):
+    from .methods.options import describe
+    from .methods.registry import METHODS, method_class
+
+    listing = {}
+    for name in METHODS:
+        cls = method_class(name)
+        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  --sparsity: {cls.SPARSITY}")
+        for line in describe(cls.OPTIONS):
+            print(f"  -o {line}")
+        listing[name] = {key: option.default for key, option in cls.OPTIONS.items()}
+    return listing
+
+
 def _export_parser(sub):
     p = sub.add_parser("export", help="write a finished output in another format",
                        description="Convert the finished streamresize output IN_DIR into OUT_DIR as --format "
@@ -90,11 +109,8 @@ def _run_options(p):
                    help="tied: keep a tied embedding tied, the head reads through a small k x k adapter; "
                         "untied: a separate narrowed head (auto: untied for pca, tied otherwise)")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", default=[],
-                   help="method option, repeatable: support=norm|variance|mean_abs|pca, "
-                        "cost=sqeuclidean|correlation, normalize=true, epsilon=0.05, marginals=uniform|energy, "
-                        "solver=auto|sinkhorn|sinkhorn_log|sinkhorn_stabilized|emd, reader=pinv|lstsq, mlp_reader=ot|lstsq; "
-                        "disp: refit=true (least-squares refit of kept weights), curve_samples=32, curve_points=8, "
-                        "learn_steps=200, learn_lr=1e-3, learn_lambda=6, learn_tau=0.5, learn_batch=1, learn_seq=256")
+                   help="method option, repeatable; each method takes its own: `streamresize methods` lists them "
+                        "with their defaults (e.g. dotresize: epsilon=0.05, reader=lstsq; disp: refit=true)")
     p.add_argument("--dataset", nargs="+", help="calibration text: local .txt (documents split at blank lines) "
                                                 "or .jsonl (a 'text' field per line); or 'random' / 'random:SEED': "
                                                 "uniform random token ids, no tokenizer needed (for measuring runs)")
@@ -326,7 +342,7 @@ def run_export(args):
 
 
 COMMANDS = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "report": run_report,
-            "export": run_export}
+            "export": run_export, "methods": run_methods}
 
 
 def _mount_of(path):
@@ -399,6 +415,7 @@ def main(argv=None):
     _eval_parser(sub)
     _report_parser(sub)
     _export_parser(sub)
+    _methods_parser(sub)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="on an error, show the traceback instead of the one-line message")

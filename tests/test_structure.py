@@ -176,3 +176,13 @@ def test_the_plan_bounds_the_measured_peak(tiny_model, texts, tmp_path, method):
     run_log = json.load(open(out / "streamresize_run.json"))
     planned = run_log["placement"]["device_bytes"]
     assert 0 < run_log["peak_anon_mb"] * 2**20 <= planned
+
+
+def test_methods_lists_every_method_with_its_sparsity_and_options(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in registry.METHODS:
+        cls = registry.method_class(name)
+        assert f"{name}: " in out and cls.SPARSITY in out
+        for key in cls.OPTIONS:
+            assert f"-o {key}: " in out

@@ -14,6 +14,7 @@ from .options import resolve_options
 class WidthMethod:
     name: ClassVar[str]
     OPTIONS: ClassVar[dict] = {}  # key -> options.Option
+    SPARSITY: ClassVar[str] = ""  # what --sparsity means for this method (`streamresize methods`)
     cache_files: ClassVar[tuple] = ()  # activation-cache files beyond hidden_a, hidden_b and scratch
     fixed_compute_dtype: ClassVar[object] = None  # a torch dtype the method always computes in, or None
 

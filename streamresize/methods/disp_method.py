@@ -33,10 +33,13 @@ INDEX_NAMES = ("attn_in_index", "attn_out_index", "mlp_in_index", "mlp_out_index
 
 
 class DispMethod(WidthMethod):
-    """--sparsity: the fraction of block-linear parameters (q, k, v, o, gate, up, down) removed, the
-    DISP-LLM paper's pruning ratio; --allocation: how that budget is spread over blocks and groups."""
+    """DISP-LLM: every block reads and writes its own subset of residual channels.
+
+    --allocation says how the parameter budget is spread over blocks and groups."""
 
     name = "disp"
+    SPARSITY = ("the fraction of the block-linear parameters (q, k, v, o, gate, up, down) removed, the DISP-LLM "
+                "paper's pruning ratio; the residual keeps its width")
     OPTIONS = {
         # refit on by default: on SmolLM2-135M at sparsity 0.3 it takes perplexity from 502 to 144
         # (BENCHMARKS.md); refit=false is the paper's variant (no weight updates).

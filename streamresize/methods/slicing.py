@@ -54,6 +54,8 @@ assert set(dotresize.DEFAULTS) == set(TRANSPORT) | {"reader", "mlp_reader"}
 
 
 class SlicingMethod(WidthMethod):
+    SPARSITY = ("the fraction of the residual width removed at every point (SliceGPT's meaning), rounded down to a "
+                "multiple of --width-multiple; --mlp-sparsity removes MLP neurons")
     solve = None  # (moments, width, options) -> (basis d x k, info)
     default_head = "tied"
 
