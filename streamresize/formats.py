@@ -38,7 +38,6 @@ CARD = "README.md"
 # Keys of a bundled config that only our modeling file reads.
 DISP_PROBLEM = "DISP-LLM index sets (every block reads its own channels) need the bundled modeling code"
 SHORTCUT_PROBLEM = "per-point bases carry skip-path matrices, which no stock architecture has"
-NARROW_PROBLEM = "stock writing of a narrowed residual stream is not implemented yet"
 BUNDLED_KEYS = ("base_model_type", "residual_widths", "intermediate_sizes", "shortcuts", "head_adapter",
                 "disp_widths", "auto_map")
 
@@ -75,36 +74,41 @@ def stock_problem(config, in_dir, weight_map):
     if any(any(pair) for pair in config.get("shortcuts") or []):
         return SHORTCUT_PROBLEM
     widths = set(config.get("residual_widths") or [config["hidden_size"]])
-    if widths != {config["hidden_size"]}:
-        return f"the residual stream is narrowed to {min(widths)} of {config['hidden_size']}: {NARROW_PROBLEM}"
+    if len(widths) > 1:
+        return f"the residual width differs between points ({min(widths)}-{max(widths)})"
     sizes = set(config.get("intermediate_sizes") or [config["intermediate_size"]])
     if len(sizes) > 1:
         return f"the MLP widths differ per block ({min(sizes)}-{max(sizes)}); a stock config has one intermediate_size"
     return None
 
 
-def _head_tensors(in_dir, config, weight_map, hidden):
-    """Final norm weight and head for a stock output, plus whether the embedding stays tied and a note."""
+def _head_tensors(in_dir, config, weight_map, width, gain):
+    """Final norm weight and head for a stock output, plus whether the embedding stays tied and a note.
+    `gain` is the stock norm weight that makes it divide by the original width (sqrt(d/k))."""
     head_shard = weight_map.get("head_adapter.weight") or weight_map.get("lm_head.weight")
     tensors = _load(in_dir, head_shard)
     if "head_adapter.weight" not in tensors:
         head = tensors["lm_head.weight"]
-        return {"model.norm.weight": torch.ones(hidden, dtype=head.dtype), "lm_head.weight": head}, False, ""
+        return {"model.norm.weight": torch.full((width,), gain, dtype=head.dtype), "lm_head.weight": head}, False, ""
     adapter = tensors["head_adapter.weight"]
     diagonal = adapter.diagonal()
     if torch.equal(adapter, torch.diag(diagonal)):
-        return {"model.norm.weight": diagonal.clone()}, True, ""
+        return {"model.norm.weight": (diagonal.double() * gain).to(adapter.dtype)}, True, ""
     embedding = _load(in_dir, weight_map["model.embed_tokens.weight"])["model.embed_tokens.weight"]
     head = (embedding.double() @ adapter.double()).to(adapter.dtype)
     note = (f"The head read the tied embedding through a {adapter.shape[0]} x {adapter.shape[1]} adapter that is "
             f"not diagonal; the stock output unties it (lm_head = E A), adding {head.numel()} parameters.")
-    return {"model.norm.weight": torch.ones(hidden, dtype=adapter.dtype), "lm_head.weight": head}, False, note
+    return {"model.norm.weight": torch.full((width,), gain, dtype=adapter.dtype), "lm_head.weight": head}, False, note
 
 
 def write_stock(in_dir, out_dir, config, weight_map):
     """Rewrite the bundled output in `in_dir` as its source architecture into `out_dir`; returns the card note."""
     spec = spec_named(config.get("base_model_type", "llama"))
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    # One shared basis narrows the residual to k: a stock RMSNorm over k with weight sqrt(d/k) and eps
+    # eps*d/k divides by exactly what ours divides by (sqrt(sum x^2 / d + eps)).
+    width = (config.get("residual_widths") or [hidden])[0]
+    gain = math.sqrt(hidden / width)
     sample = next(iter(_load(in_dir, weight_map["model.embed_tokens.weight"]).values()))
     writer = ShardWriter(out_dir, sample.dtype)
     new_map = {}
@@ -113,16 +117,27 @@ def write_stock(in_dir, out_dir, config, weight_map):
         for i in range(layers):
             if any(name.startswith(spec.block.format(i=i)) for name in tensors):
                 for role in (spec.attn_norm, spec.mlp_norm):
-                    tensors[spec.block_name(i, role) + ".weight"] = torch.ones(hidden, dtype=sample.dtype)
+                    tensors[spec.block_name(i, role) + ".weight"] = torch.full((width,), gain, dtype=sample.dtype)
         if tensors:
             writer.write_shard(shard, tensors)
             new_map.update({name: shard for name in tensors})
-    head, tied, note = _head_tensors(in_dir, config, weight_map, hidden)
+    head, tied, note = _head_tensors(in_dir, config, weight_map, width, gain)
     writer.write_shard("model-head.safetensors", head)
     new_map.update({name: "model-head.safetensors" for name in head})
     stock = {k: v for k, v in config.items() if k not in BUNDLED_KEYS}
     stock.update(architectures=[spec.architectures[0]], model_type=spec.name, tie_word_embeddings=tied,
                  intermediate_size=(config.get("intermediate_sizes") or [config["intermediate_size"]])[0])
+    if width < hidden:
+        heads = config["num_attention_heads"]
+        stock.update(hidden_size=width, head_dim=config.get("head_dim") or hidden // heads,
+                     rms_norm_eps=config.get("rms_norm_eps", 1e-6) * hidden / width)
+        if width % heads and spec.name == "llama":
+            # transformers' LlamaConfig refuses a hidden size its head count does not divide, even with
+            # head_dim set; Mistral's layout is Llama's, and without a sliding window computes the same.
+            stock.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+            note = (note + " " if note else "") + (
+                f"Written as MistralForCausalLM (same layout as Llama, no sliding window): the residual width "
+                f"{width} is not a multiple of the {heads} heads, which LlamaConfig refuses.")
     return stock, new_map, note
 
 
@@ -212,7 +227,9 @@ def write_card(out_dir, config, fmt, why_bundled, note, parameters):
         arch = config["architectures"][0]
         lines += [f"A stock `{arch}` checkpoint (`model_type: {config['model_type']}`, `intermediate_size: "
                   f"{config.get('intermediate_size')}`); no remote code anywhere. Norm gains are folded into the "
-                  "linears that read them, so the norm weights are 1 (except the final norm of a tied head).", "",
+                  "linears that read them, so the norm weights are 1 (sqrt(d/k) with rms_norm_eps scaled by d/k "
+                  "where one shared basis narrowed the residual from d to k, so each norm still divides by the "
+                  "original width), except the final norm of a tied head, which holds its gain.", "",
                   "| tool | how |", "|---|---|",
                   "| transformers | `AutoModelForCausalLM.from_pretrained(DIR)` |",
                   "| vLLM | `vllm serve DIR` |",

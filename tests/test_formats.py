@@ -80,6 +80,28 @@ def test_mlp_narrowing_is_written_stock_and_matches_bundled(family_models, texts
     assert "vllm serve" in card and "format: **stock**" in card
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("method", ["pca", "dotresize"])
+def test_one_shared_basis_is_written_stock_with_rescaled_norms(tiny_model, tiny_model_tied, texts, tmp_path,
+                                                               method, tied):
+    """A residual narrowed 64 -> 48 by one shared basis: stock with hidden_size 48, norm weights
+    sqrt(64/48) and eps x 64/48, the same logits as bundled; a tied head whose adapter is not
+    diagonal is untied."""
+    model = tiny_model_tied if tied else tiny_model
+    options = dict(method=method, sparsity=0.25, basis="shared", head="tied" if tied else "untied",
+                   dataset=[texts["calib"]], **CALIB)
+    stock = streamresize.compress(model, str(tmp_path / "stock"), save_format="stock", **options)
+    streamresize.compress(model, str(tmp_path / "bundled"), save_format="bundled", **options)
+    config = json.load(open(tmp_path / "stock" / "config.json"))
+    source = json.load(open(os.path.join(model, "config.json")))
+    assert stock["format"] == "stock" and config["model_type"] == "llama" and config["hidden_size"] == 48
+    assert config["head_dim"] == 16 and config["rms_norm_eps"] == pytest.approx(source["rms_norm_eps"] * 64 / 48)
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(4))
+    logits, cls = plain_logits(tmp_path / "stock", ids, tmp_path)
+    assert cls == "LlamaForCausalLM"
+    assert (logits - bundled_logits(tmp_path / "bundled", ids)).abs().max().item() < 1e-4
+
+
 def test_auto_keeps_bundled_where_stock_cannot_hold_the_result(tiny_model, texts, tmp_path):
     out = tmp_path / "out"
     summary = streamresize.compress(tiny_model, str(out), method="pca", sparsity=0.25, dataset=[texts["calib"]],
@@ -113,3 +135,18 @@ def test_export_round_trip_and_a_refused_export_leaves_nothing(tiny_model, texts
     streamresize.compress(tiny_model, str(pca), method="pca", sparsity=0.25, dataset=[texts["calib"]], **CALIB)
     assert cli.main(["export", str(pca), str(tmp_path / "refused")]) == 2
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_width_the_heads_do_not_divide_is_written_as_mistral(tiny_model, texts, tmp_path):
+    """k = 46 with 4 heads: LlamaConfig would refuse it, so the stock class is Mistral with no window."""
+    options = dict(method="pca", sparsity=0.28, width_multiple=2, basis="shared", head="untied",
+                   dataset=[texts["calib"]], **CALIB)
+    streamresize.compress(tiny_model, str(tmp_path / "stock"), save_format="stock", **options)
+    streamresize.compress(tiny_model, str(tmp_path / "bundled"), save_format="bundled", **options)
+    config = json.load(open(tmp_path / "stock" / "config.json"))
+    assert config["hidden_size"] == 46 and config["model_type"] == "mistral" and config["sliding_window"] is None
+    assert "MistralForCausalLM" in open(tmp_path / "stock" / "README.md").read()
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(5))
+    logits, cls = plain_logits(tmp_path / "stock", ids, tmp_path)
+    assert cls == "MistralForCausalLM"
+    assert (logits - bundled_logits(tmp_path / "bundled", ids)).abs().max().item() < 1e-4

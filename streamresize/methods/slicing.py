@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ..budget import widths_for_target
 from ..errors import StreamResizeError
-from ..formats import NARROW_PROBLEM, SHORTCUT_PROBLEM
+from ..formats import SHORTCUT_PROBLEM
 from ..plan import MethodFootprint
 from ..modeling.modeling_streamresize import StreamResizeConfig, StreamResizeDecoderLayer, attention_inputs
 from ..precision import compute_in
@@ -420,8 +420,6 @@ class SlicingMethod(WidthMethod):
         if self.run.recipe.basis == "per-point" and (min(self.widths) < self.run.hidden
                                                      or self.options.get("rotate_full_width")):
             return SHORTCUT_PROBLEM
-        if min(self.widths) < self.run.hidden:
-            return NARROW_PROBLEM
         return None
 
     def record(self, steps):
