@@ -82,6 +82,14 @@ def stock_problem(config, in_dir, weight_map):
     return None
 
 
+def _unties_head(in_dir, weight_map):
+    """Whether a stock writing would have to untie the head (its adapter is not diagonal)."""
+    if "head_adapter.weight" not in weight_map:
+        return False
+    adapter = _load(in_dir, weight_map["head_adapter.weight"])["head_adapter.weight"]
+    return not torch.equal(adapter, torch.diag(adapter.diagonal()))
+
+
 def _head_tensors(in_dir, config, weight_map, width, gain):
     """Final norm weight and head for a stock output, plus whether the embedding stays tied and a note.
     `gain` is the stock norm weight that makes it divide by the original width (sqrt(d/k))."""
@@ -153,6 +161,11 @@ def export(in_dir, out_dir, fmt="auto", link=False, name=None):
     problem = stock_problem(config, in_dir, weight_map)
     if fmt == "stock" and problem:
         raise StreamResizeError(f"{name or in_dir}: cannot be written as a stock checkpoint: {problem}")
+    if fmt == "auto" and problem is None and _unties_head(in_dir, weight_map):
+        # Exact, but larger: the tied head would need a vocabulary-sized matrix of its own, which a
+        # --target-size budget did not count. Only an explicit --save-format stock does that.
+        problem = ("the tied head reads through a non-diagonal adapter, which a stock checkpoint could hold only "
+                   "by untying the head (a vocabulary-sized matrix more; --save-format stock does that)")
     chosen = "stock" if fmt == "stock" or (fmt == "auto" and problem is None) else "bundled"
     os.makedirs(out_dir, exist_ok=True)
     for temp in glob.glob(os.path.join(out_dir, "*.tmp")):  # writes a kill interrupted: never part of an output

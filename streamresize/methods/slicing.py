@@ -417,8 +417,11 @@ class SlicingMethod(WidthMethod):
         return config
 
     def stock_problem(self):
-        if self.run.recipe.basis == "per-point" and (min(self.widths) < self.run.hidden
-                                                     or self.options.get("rotate_full_width")):
+        # Rotations per point (pca, dotresize) give skip matrices; a selection (prune) may not, when
+        # every point keeps the same channels: that is only known at the end.
+        rotates = self.name != "prune" or self.reader_kind != "pinv"
+        if self.run.recipe.basis == "per-point" and rotates and (min(self.widths) < self.run.hidden
+                                                                 or self.options.get("rotate_full_width")):
             return SHORTCUT_PROBLEM
         return None
 
