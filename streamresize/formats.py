@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from .arch import spec_named
-from .checkpoint import INDEX_NAME, INTEGER_DTYPES, parameter_count, read_safetensors_header
+from .checkpoint import INDEX_NAME, INTEGER_DTYPES, SUPPORTED_DTYPES, parameter_count, read_safetensors_header
 from .errors import StreamResizeError
 from .writer import (MODELING_FILE, RUN_LOG, ShardWriter, atomic_write_bytes, atomic_write_json,
                      copy_tokenizer_files)
@@ -117,15 +117,16 @@ def write_stock(in_dir, out_dir, config, weight_map):
     # eps*d/k divides by exactly what ours divides by (sqrt(sum x^2 / d + eps)).
     width = (config.get("residual_widths") or [hidden])[0]
     gain = math.sqrt(hidden / width)
-    sample = next(iter(_load(in_dir, weight_map["model.embed_tokens.weight"]).values()))
-    writer = ShardWriter(out_dir, sample.dtype)
+    embedding = "model.embed_tokens.weight"  # the output's dtype, from its header (no tensor read)
+    dtype = SUPPORTED_DTYPES[read_safetensors_header(os.path.join(in_dir, weight_map[embedding]))[embedding]["dtype"]]
+    writer = ShardWriter(out_dir, dtype)
     new_map = {}
     for shard in sorted(set(weight_map.values())):
         tensors = {k: v for k, v in _load(in_dir, shard).items() if k not in ("head_adapter.weight", "lm_head.weight")}
         for i in range(layers):
             if any(name.startswith(spec.block.format(i=i)) for name in tensors):
                 for role in (spec.attn_norm, spec.mlp_norm):
-                    tensors[spec.block_name(i, role) + ".weight"] = torch.full((width,), gain, dtype=sample.dtype)
+                    tensors[spec.block_name(i, role) + ".weight"] = torch.full((width,), gain, dtype=dtype)
         if tensors:
             writer.write_shard(shard, tensors)
             new_map.update({name: shard for name in tensors})

@@ -39,7 +39,7 @@ from .prefetch import Prefetcher
 from .runtime import crash_point, peak_memory_mb, resolve_device, set_step  # noqa: F401  (resolve_device: for the CLI)
 from .version import __version__
 from .workspace import BUNDLED_DIR, DirectoryLock, WorkDir, check_layout
-from .writer import RUN_LOG, OutputDir, ShardWriter, atomic_write_json
+from .writer import RUN_LOG, OutputDir, ShardWriter, atomic_write_json, count_non_finite
 
 log = logging.getLogger("streamresize")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -201,7 +201,7 @@ class Run:
     def weight(self, name):
         """A checkpoint tensor as float32 on the device; NaN or Inf in it is refused, naming it."""
         tensor = self.prefetcher.get(name, torch.float32, self.device)
-        bad = int((~torch.isfinite(tensor)).sum())
+        bad = count_non_finite(tensor)
         if bad:
             raise StreamResizeError(f"{self.reader.location(name)[0]}: tensor '{name}' holds {bad} non-finite "
                                     "value(s) (NaN or Inf); streamresize needs finite weights")

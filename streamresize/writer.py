@@ -88,11 +88,16 @@ def save_tensors(path, tensors):
     _replace(f"{path}.tmp", path)
 
 
+def count_non_finite(tensor):
+    """NaN and Inf entries of a floating tensor (0 for integer ones, such as DISP index sets)."""
+    return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+
+
 def check_finite(path, tensors):
     """Refuse to write NaN or Inf: a shard of non-finite weights must never become part of an output."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
+            bad = count_non_finite(tensor)
             if bad:
                 raise StreamResizeError(
                     f"{path}: tensor '{name}' came out with {bad} non-finite value(s) (NaN or Inf); nothing was "

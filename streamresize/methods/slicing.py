@@ -419,7 +419,7 @@ class SlicingMethod(WidthMethod):
     def stock_problem(self):
         # Rotations per point (pca, dotresize) give skip matrices; a selection (prune) may not, when
         # every point keeps the same channels: that is only known at the end.
-        rotates = self.name != "prune" or self.reader_kind != "pinv"
+        rotates = self.name != "prune"
         if self.run.recipe.basis == "per-point" and rotates and (min(self.widths) < self.run.hidden
                                                                  or self.options.get("rotate_full_width")):
             return SHORTCUT_PROBLEM
