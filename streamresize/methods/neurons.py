@@ -5,7 +5,23 @@ import torch
 
 from ..errors import StreamResizeError
 from .dotresize import merge_map, options_with_defaults
-from .support import support_frame
+from .obs import obs_order
+from .support import Frame, support_frame
+
+OBS_DAMP = 0.01  # H + 0.01 x mean(diag H) I for the selection only; the final refit is undamped
+
+
+def choose_neurons(stats, width, kind, down, batch=0):
+    """The kept neurons' frame. `obs`: greedy structured OBS on down_proj's columns (the block's
+    output error with the rest refitted); otherwise a score (norm, variance, mean_abs) times the
+    neuron's down_proj column norm."""
+    if kind != "obs":
+        return support_frame(stats, width, kind, weight_norms=down.double().norm(dim=0))
+    remove = down.shape[1] - width
+    batch = batch or max(1, -(-remove // 512))  # at most ~512 updates of H⁻¹ per MLP
+    order = obs_order(stats.gram, down, remove=remove, damp=OBS_DAMP, batch=batch)
+    keep = torch.tensor(order.kept(down.shape[1], remove), device=stats.gram.device)
+    return Frame(None, stats.gram, stats.sum, stats.count, keep)
 
 
 def narrow_mlp(stats, width, method, options, readers, down):
@@ -14,12 +30,14 @@ def narrow_mlp(stats, width, method, options, readers, down):
     stats: moments of the intermediate activations u = act(gate x) * up x.
     """
     o = options_with_defaults(options)
-    support_kind = o["support"] if o["support"] != "pca" else "norm"  # neurons cannot be rotated
-    frame = support_frame(stats, width, support_kind, weight_norms=down.double().norm(dim=0))
+    support_kind = options.get("mlp_support", "auto")
+    if support_kind == "auto":
+        support_kind = o["support"] if o["support"] != "pca" else "norm"  # neurons cannot be rotated
+    frame = choose_neurons(stats, width, support_kind, down, int(options.get("obs_batch", 0)))
     keep = frame.support
     down = down.double()
     reader = options.get("mlp_reader", "ot")
-    info = {"width": width, "method": method}
+    info = {"width": width, "method": method, "support": support_kind}
     if method == "prune":
         merged = down[:, keep]
     elif method == "dotresize" and reader == "ot":

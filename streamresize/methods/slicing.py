@@ -7,6 +7,7 @@ onto it and the readers of the point read through it (their norm gains folded in
 weightless and exact). The three methods differ only in the solver and its options.
 """
 
+import json
 import logging
 import os
 import time
@@ -23,10 +24,12 @@ from ..precision import compute_in
 from ..runtime import crash_point, fault_point, peak_memory_mb
 from ..statistics import Moments, pca_error, relative_error
 from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
-from ..writer import save_tensors
+from ..writer import atomic_write_json, save_tensors
 from . import dotresize, pca, prune, target_width
 from .base import WidthMethod
-from .neurons import narrow_mlp
+from .allocation import global_widths
+from .neurons import OBS_DAMP, narrow_mlp
+from .obs import obs_order
 from .options import Option
 
 log = logging.getLogger("streamresize")
@@ -48,6 +51,17 @@ TRANSPORT = {
     "max_iter": Option(2000, int, "Sinkhorn iterations at most", positive=True),
     "tol": Option(1e-9, float, "Sinkhorn stopping tolerance", positive=True),
 }
+MLP_SUPPORT = Option("auto", str, "which MLP neurons are kept: obs (structured OBS: least output error after the "
+                    "refit), norm/variance/mean_abs (a score x the down_proj column norm); auto: the `support` "
+                    "option's choice (norm for pca)", choices=("auto", "norm", "variance", "mean_abs", "obs"),
+                    recorded=False)
+OBS_BATCH = Option(0, int, "obs: neurons removed per update of the inverse Gram (0: at most ~512 updates)",
+                   minimum=0, recorded=False)
+CURVE_SAMPLES = Option(16, int, "--allocation global: calibration sequences the per-layer error curves are "
+                       "measured on (dense model)", positive=True, recorded=False)
+CURVE_SCALE = Option("residual", str, "--allocation global: how layers' errors are compared: residual (the MLP "
+                     "output's error per token relative to the residual it is added to) or absolute",
+                     choices=("residual", "absolute"), recorded=False)
 MLP_READER = Option("ot", str, "how merged MLP neurons are folded into down_proj: ot (the transport map) or lstsq "
                     "(its least-squares refit)", choices=("ot", "lstsq"))
 assert set(dotresize.DEFAULTS) == set(TRANSPORT) | {"reader", "mlp_reader"}
@@ -61,7 +75,8 @@ class SlicingMethod(WidthMethod):
 
     @classmethod
     def option_spec(cls, recipe):
-        spec = dict(cls.OPTIONS)
+        spec = {**cls.OPTIONS, "mlp_support": MLP_SUPPORT, "obs_batch": OBS_BATCH, "curve_samples": CURVE_SAMPLES,
+                "curve_scale": CURVE_SCALE}
         if cls.mlp_method_for(recipe) == "dotresize":  # the MLP neurons are merged by OT: its options apply
             spec = {**{k: Option(o.default, o.kind, o.help, o.choices, o.minimum, o.positive, recorded=False)
                        for k, o in TRANSPORT.items()}, "mlp_reader": Option(
@@ -86,6 +101,9 @@ class SlicingMethod(WidthMethod):
         if r.basis not in ("per-point", "shared"):
             raise StreamResizeError(f"--basis {r.basis}: choose per-point or shared")
         self.shared_basis = None
+        if r.allocation not in ("uniform", "global"):
+            raise StreamResizeError(f"--allocation {r.allocation}: {self.name} takes uniform or global (learned is "
+                                    "DISP-LLM's hypernetwork: --method disp)")
         self._choose_widths()
 
     def _choose_widths(self):
@@ -327,8 +345,91 @@ class SlicingMethod(WidthMethod):
                  f", GPU {gpu:.0f} MB" if gpu else "")
 
     def prepare(self, first, progress):
+        if self.run.recipe.allocation == "global" and min(self.intermediate_sizes) < self.run.source_config[
+                "intermediate_size"]:
+            self._allocate_mlp_widths(first, progress)
         if self.run.recipe.basis == "shared" and first < self.run.num_layers:
             self.shared_basis = self._fit_shared_basis(progress)
+
+    # ---- global allocation of MLP widths --------------------------------------------------------
+
+    def _allocate_mlp_widths(self, first, progress):
+        """Per-layer MLP widths with the uniform allocation's total, spread by each layer's OBS error
+        curve on the dense model (saved, so a resumed run reuses them)."""
+        run, multiple = self.run, self.run.recipe.width_multiple
+        full = run.source_config["intermediate_size"]
+        path = run.work_path("mlp-curves.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                curves = json.load(f)["curves"]
+        elif first > -1:
+            raise StreamResizeError(f"{run.work_dir}: the MLP error curves of this run are missing; rerun with "
+                                    "--restart")
+        else:
+            start = time.time()
+            curves = self._measure_mlp_curves(progress, multiple)
+            scale = self.options.get("curve_scale", CURVE_SCALE.default)
+            atomic_write_json(path, {"multiple": multiple, "scale": scale, "curves": curves})
+            log.info("MLP error curves of %d blocks in %.1fs", run.num_layers, time.time() - start)
+        uniform = self.intermediate_sizes
+        self.intermediate_sizes = global_widths(curves, [full] * run.num_layers, sum(uniform), multiple)
+        log.info("global allocation of MLP widths (uniform %d): %s", uniform[0],
+                 " ".join(str(w) for w in self.intermediate_sizes))
+
+    def _dense_layer(self, i):
+        """Block i of the source model, norms folded into the readers (the output's own layer code)."""
+        run, f = self.run, self.run.family
+        attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
+        weights = {r: fold_norm(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
+        weights.update({r: fold_norm(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
+        weights.update({w: run.block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
+        return self._calibration_layer(i, run.hidden, weights), weights[f.mlp_writer]
+
+    def _measure_mlp_curves(self, progress, multiple):
+        """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), on
+        dense inputs from the first `curve_samples` sequences; tokens weighted by 1/‖y‖² of the block
+        output under the `residual` scale, so the errors of different layers compare."""
+        run, d = self.run, self.run.hidden
+        n = min(run.ids.shape[0], int(self.options.get("curve_samples", CURVE_SAMPLES.default)))
+        batches = [(a, min(b, n)) for a, b in run.cache.batches(run.recipe.batch_size) if a < n]
+        views = [run.cache.view("hidden_a", d), run.cache.view("hidden_b", d)]
+        embedding = run.weight(run.family.embedding)
+        for rows in batches:
+            run.cache.write(views[0], rows, embedding[torch.from_numpy(run.ids[rows[0]:rows[1]]).to(run.device)])
+        views[0].flush()
+        del embedding
+        curves = []
+        relative = self.options.get("curve_scale", CURVE_SCALE.default) == "residual"
+        with torch.no_grad():
+            for i in range(run.num_layers):
+                progress.set_postfix_str(f"MLP error curves: block {i}")
+                layer, down = self._dense_layer(i)
+                source, target = views[i % 2], views[(i + 1) % 2]
+                width = down.shape[1]
+                gram = torch.zeros(width, width, dtype=torch.float64, device=run.device)
+                tokens = 0
+                for rows in batches:
+                    x = run.cache.read(source, rows, run.device)
+                    h = layer.attention_residual(x, **attention_inputs(run.block_config, run.rotary, x))
+                    a = run.family.mlp_hidden(layer.mlp, layer.post_attention_layernorm(h))
+                    y = h + layer.mlp.down_proj(a)
+                    run.cache.write(target, rows, y)
+                    a = a.reshape(-1, width).double()
+                    weight = (1.0 / y.reshape(-1, d).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+                              if relative else 1.0)
+                    gram += (a * weight).T @ a
+                    tokens += a.shape[0]
+                    fault_point("accumulating")
+                gram = run.reduce_tensors(gram)[0] / run.reduce_count(tokens)
+                target.flush()
+                steps = (width - multiple) // multiple
+                order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple)
+                curves.append([order.cost(r * multiple) for r in range(steps + 1)])
+                del layer, gram
+                fault_point("curves")
+                log.info("MLP error curve block %d: error %.3g at %d%% of the neurons removed", i,
+                         curves[-1][len(curves[-1]) // 2], 100 * (len(curves[-1]) // 2) * multiple // width)
+        return curves
 
     def _fit_shared_basis(self, progress):
         """One basis for every point (`--basis shared`): a pass over the dense model accumulates each

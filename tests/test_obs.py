@@ -1,0 +1,99 @@
+"""Structured OBS against brute force on small random problems (issue 12)."""
+
+import itertools
+
+import pytest
+import torch
+
+from streamresize.methods.obs import obs_order, refit
+
+
+def problem(n, out=5, tokens=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    w = torch.randn(out, n, generator=g, dtype=torch.float64)
+    return x.T @ x / tokens, w
+
+
+def lstsq_error(gram, weight, keep):
+    """Output error of the best refit on the kept columns, by direct least squares."""
+    if not keep:
+        return float(torch.einsum("oi,ij,oj->", weight, gram, weight))
+    fitted = torch.zeros_like(weight)
+    fitted[:, keep] = refit(gram, weight, keep)
+    diff = weight - fitted
+    return float(torch.einsum("oi,ij,oj->", diff, gram, diff))
+
+
+def columns(groups, size):
+    return [g * size + j for g in groups for j in range(size)]
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_greedy_step_is_the_best_single_removal_and_error_is_the_refit_optimum(group):
+    n_groups = 6
+    gram, weight = problem(n_groups * group, seed=group)
+    order = obs_order(gram, weight, group=group, damp=1e-12)
+    alive = list(range(n_groups))
+    for step, g in enumerate(order.removed):
+        costs = {c: lstsq_error(gram, weight, columns([a for a in alive if a != c], group)) for c in alive}
+        assert costs[g] == pytest.approx(min(costs.values()), rel=1e-6)
+        alive.remove(g)
+        assert order.errors[step] == pytest.approx(lstsq_error(gram, weight, columns(alive, group)), rel=1e-6)
+
+
+def test_batched_removal_error_is_the_refit_optimum_of_what_it_kept():
+    gram, weight = problem(12, seed=3)
+    order = obs_order(gram, weight, remove=8, batch=3, damp=1e-12)
+    assert len(order.removed) == 8 and len(set(order.removed)) == 8
+    kept = order.kept(12, 8)
+    assert order.errors[-1] == pytest.approx(lstsq_error(gram, weight, kept), rel=1e-6)
+
+
+def test_greedy_is_exact_for_one_removal_and_never_below_the_exhaustive_optimum():
+    for seed in range(5):
+        gram, weight = problem(8, seed=seed)
+        order = obs_order(gram, weight, remove=4, damp=1e-12)
+        for m in (1, 4):
+            best = min(lstsq_error(gram, weight, list(k)) for k in itertools.combinations(range(8), 8 - m))
+            assert order.errors[m - 1] >= best * (1 - 1e-9)
+            if m == 1:
+                assert order.errors[0] == pytest.approx(best, rel=1e-9)
+
+
+def test_rounds_remove_one_group_from_every_set_per_update():
+    gram, weight = problem(12, seed=7)
+    sets = [{0, 1, 2}, {3, 4, 5}]  # six heads of width 2, two KV groups
+    order = obs_order(gram, weight, group=2, remove=4, rounds=sets, damp=1e-12)
+    assert sorted(len(s & set(order.removed)) for s in sets) == [2, 2]
+    kept = order.kept(6, 4)
+    assert order.errors[-1] == pytest.approx(lstsq_error(gram, weight, columns(kept, 2)), rel=1e-6)
+
+
+def test_dead_inputs_are_removed_first_at_no_cost():
+    gram, weight = problem(6, seed=9)
+    gram[2] = 0
+    gram[:, 2] = 0
+    order = obs_order(gram, weight, remove=1)
+    assert order.removed == [2] and order.errors[0] < 1e-2 * order.total  # only the damping's share
+
+
+def test_global_allocation_spends_the_budget_where_it_costs_least():
+    from streamresize.methods.allocation import global_widths
+    cheap = [0, 1, 2, 3, 4]          # error after removing 0..4 steps of 8 neurons
+    dear = [0, 10, 20, 30, 40]
+    widths = global_widths([cheap, dear], [32, 32], keep_total=40, multiple=8)
+    assert widths == [8, 32]          # all three steps from the cheap layer; it keeps one multiple
+    widths = global_widths([cheap, dear], [32, 32], keep_total=24, multiple=8)
+    assert widths == [8, 16] and sum(widths) == 24
+
+
+def test_global_allocation_equals_brute_force_on_convex_curves():
+    from streamresize.methods.allocation import global_widths
+    curves = [[0, 1, 3, 6, 10], [0, 1.2, 2.7, 4.7, 7.2], [0, 0.5, 4, 9, 16]]
+    for keep in (88, 80, 72, 64):
+        widths = global_widths(curves, [32, 32, 32], keep, 8, min_width=0)
+        cost = sum(c[(32 - w) // 8] for c, w in zip(curves, widths))
+        best = min(sum(c[r] for c, r in zip(curves, rs))
+                   for rs in itertools.product(range(5), repeat=3) if sum(rs) == (96 - keep) // 8)
+        assert sum(widths) == keep and cost == pytest.approx(best)

@@ -1,0 +1,71 @@
+"""Structured OBS selection and global allocation of MLP widths through the pipeline (issue 12)."""
+
+import json
+
+import pytest
+import torch
+
+import streamresize
+from helpers import CALIB, cli, compress_args, dense_logits, read_config, tree_digest
+
+
+def _compress(model, out, texts, **options):
+    return streamresize.compress(model, str(out), dataset=[texts["calib"]], **{**CALIB, **options})
+
+
+def _block_errors(out):
+    record = read_config(out)["streamresize"]
+    return [m["local_error"] for m in record["mlp"]], [m["support"] for m in record["mlp"]]
+
+
+def test_obs_selection_leaves_less_output_error_than_the_norm_score(tiny_model, texts, tmp_path):
+    common = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, width_multiple=8)
+    _compress(tiny_model, tmp_path / "norm", texts, method_options={"mlp_reader": "lstsq"}, **common)
+    _compress(tiny_model, tmp_path / "obs", texts, method_options={"mlp_reader": "lstsq", "mlp_support": "obs"},
+              **common)
+    norm, kinds_norm = _block_errors(tmp_path / "norm")
+    obs, kinds_obs = _block_errors(tmp_path / "obs")
+    assert set(kinds_norm) == {"norm"} and set(kinds_obs) == {"obs"}
+    # Block 0 sees the same inputs in both runs: OBS's choice, refitted, must leave less error.
+    assert obs[0] < norm[0]
+    assert sum(obs) < sum(norm)
+
+
+def test_removing_nothing_with_obs_reproduces_the_dense_logits(tiny_model, texts, tmp_path):
+    _compress(tiny_model, tmp_path / "out", texts, method="dotresize", sparsity=0.0, mlp_sparsity=0.0,
+              allocation="global", method_options={"mlp_support": "obs", "mlp_reader": "lstsq"})
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = streamresize.load(str(tmp_path / "out"))(ids).logits
+    assert (logits - dense_logits(tiny_model, ids)).abs().max().item() < 1e-4
+
+
+def test_global_allocation_keeps_the_uniform_total_in_multiples_and_resumes_identically(tiny_model, texts,
+                                                                                           tmp_path):
+    options = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, allocation="global", width_multiple=8,
+                   method_options={"mlp_support": "obs", "mlp_reader": "lstsq"})
+    result = _compress(tiny_model, tmp_path / "global", texts, **options)
+    uniform = _compress(tiny_model, tmp_path / "uniform", texts, **{**options, "allocation": "uniform"})
+    sizes = read_config(tmp_path / "global")["intermediate_sizes"]
+    assert read_config(tmp_path / "uniform")["intermediate_size"] == 48 and uniform["format"] == "stock"
+    assert sum(sizes) == 4 * 48 and all(s % 8 == 0 and 8 <= s <= 96 for s in sizes)
+    assert len(set(sizes)) > 1  # the curves differ between layers of a random model
+    # Same MLP budget; the stock uniform output also stores the norm weights the bundled one folds away.
+    assert uniform["parameters"] - result["parameters"] == 2 * 4 * 64 + 64
+    assert result["format"] == "bundled"  # per-layer widths that are not multiples of 256
+    # A run killed after block 1 reuses the saved curves and writes the same bytes.
+    args = compress_args(tiny_model, tmp_path / "killed", texts["calib"], method="dotresize", sparsity=0.0,
+                         mlp_sparsity=0.5, allocation="global", width_multiple=8,
+                         option=["mlp_support=obs", "mlp_reader=lstsq"])
+    killed = cli(*args, env={"STREAMRESIZE_CRASH_AT": "2:start"}, check=False)
+    assert killed.returncode == 75
+    cli(*args)
+    exclude = ("streamresize_run.json",)
+    assert tree_digest(tmp_path / "killed", exclude) == tree_digest(tmp_path / "global", exclude)
+
+
+def test_global_allocation_of_a_learned_kind_is_refused_for_slicing_methods(tiny_model, texts, tmp_path):
+    r = cli(*compress_args(tiny_model, tmp_path / "out", texts["calib"], method="prune", mlp_sparsity=0.3,
+                           allocation="learned"), check=False)
+    assert r.returncode == 2 and "--allocation learned" in r.stderr and "--method disp" in r.stderr
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
