@@ -11,6 +11,8 @@ from .errors import StreamResizeError
 from .runtime import EXIT_RESUMABLE, Preempted
 
 log = logging.getLogger("streamresize")
+# formats.FORMATS, spelled out here so that parsing arguments imports no torch (a test checks they agree)
+FORMAT_CHOICES = ("auto", "stock", "decilm", "bundled")
 
 EXIT_CODES = f"""exit status:
   0   done (also when OUT_DIR already holds the finished output of the same command)
@@ -34,10 +36,13 @@ def _compress_parser(sub):
                         "OUT_DIR is replaced once the new one is complete)")
     p.add_argument("--overwrite", action="store_true",
                    help="OUT_DIR may hold other files: they are replaced, once the new output is complete")
-    p.add_argument("--save-format", choices=["auto", "stock", "bundled"], default="auto",
+    p.add_argument("--save-format", choices=FORMAT_CHOICES, default="auto",
                    help="auto (default): the source's own architecture (LlamaForCausalLM, ...) when it holds the "
                         "result exactly, which transformers, vLLM, llama.cpp and TGI load with no remote code; "
-                        "else bundled (our modeling file, trust_remote_code). stock: refuse unless it fits")
+                        "else decilm when only the MLP widths differ per block (all multiples of 256): "
+                        "DeciLMForCausalLM, which vLLM and llama.cpp load natively and transformers with the "
+                        "shipped code; else bundled (our modeling file, trust_remote_code). stock, decilm: "
+                        "refuse unless it fits")
 
 
 def _methods_parser(sub):
@@ -65,7 +70,9 @@ def _export_parser(sub):
                                    "(exactly, or refused with the reason); IN_DIR is only read.")
     p.add_argument("in_dir")
     p.add_argument("out_dir")
-    p.add_argument("--format", choices=["auto", "stock", "bundled"], default="stock")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="stock",
+                   help="stock (default), decilm (per-block MLP widths, multiples of 256), bundled, or auto "
+                        "(the first of stock, decilm that holds the result, else bundled)")
 
 
 def _plan_parser(sub):

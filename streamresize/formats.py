@@ -14,8 +14,14 @@ TGI load with no remote code. The conversion is exact by construction, not a ref
   diagonal (then the embedding stays tied); otherwise the head is untied as E A, and the card says
   how many parameters that adds.
 
-`auto` picks `stock` when it holds the result exactly, else `bundled`. `export` converts any finished
-output, refusing with the reason when the result does not fit.
+`decilm` holds what stock cannot only because the MLP widths differ per block: the DeciLM / nemotron-nas
+layout (`DeciLMForCausalLM`), the stock tensors plus a `block_configs` entry per block whose `ffn_mult`
+DeciLM's rule maps back to that block's width (which must then be a multiple of 256); a width-0 MLP is an
+`ffn.no_op`. vLLM and llama.cpp's converter have their own DeciLM code; transformers has none, so the
+output carries ours (`configuration_decilm.py`, `modeling_decilm.py`, named in `auto_map`).
+
+`auto` picks `stock` when it holds the result exactly, else `decilm` when that does, else `bundled`.
+`export` converts any finished output, refusing with the reason when the result does not fit.
 """
 
 import glob
@@ -33,13 +39,20 @@ from .errors import StreamResizeError
 from .writer import (MODELING_FILE, RUN_LOG, ShardWriter, atomic_write_bytes, atomic_write_json,
                      copy_tokenizer_files)
 
-FORMATS = ("auto", "stock", "bundled")
+FORMATS = ("auto", "stock", "decilm", "bundled")
 CARD = "README.md"
 # Keys of a bundled config that only our modeling file reads.
 DISP_PROBLEM = "DISP-LLM index sets (every block reads its own channels) need the bundled modeling code"
 SHORTCUT_PROBLEM = "per-point bases carry skip-path matrices, which no stock architecture has"
 BUNDLED_KEYS = ("base_model_type", "residual_widths", "intermediate_sizes", "shortcuts", "head_adapter",
                 "disp_widths", "auto_map")
+# DeciLM: the modeling files every decilm output carries (copied from this package, named in auto_map).
+DECILM_FILES = ("configuration_decilm.py", "modeling_decilm.py")
+DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                   "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
+DECILM_MULTIPLE = 256
+# What each format's output may hold of the modeling files; the others are a different format's leftovers.
+MODELING_FILES = {"bundled": (MODELING_FILE,), "decilm": DECILM_FILES, "stock": ()}
 
 
 def _read_config(in_dir):
@@ -82,6 +95,48 @@ def stock_problem(config, in_dir, weight_map):
     return None
 
 
+def mlp_widths(config):
+    """The MLP width of every block of a bundled config."""
+    return config.get("intermediate_sizes") or [config["intermediate_size"]] * config["num_hidden_layers"]
+
+
+def ffn_mult_to_intermediate_size(ffn_mult, hidden_size):
+    """DeciLM's MLP width for `ffn_mult`: int(2 m d / 3) rounded up to a multiple of 256, as vLLM
+    (model_executor/models/nemotron_nas.py) and llama.cpp's converter (DeciModel) compute it; the same rule
+    as modeling/configuration_decilm.py, which must stay importable without this package."""
+    size = int(2 * ffn_mult * hidden_size / 3)
+    return size if size % DECILM_MULTIPLE == 0 else size + DECILM_MULTIPLE - size % DECILM_MULTIPLE
+
+
+def ffn_mult_for(width, hidden_size):
+    """An ffn_mult that DeciLM's rule maps back to exactly `width` (a positive multiple of 256), or None.
+    1.5 w / d rounded to 6 decimals first (what NVIDIA's own block configs hold), checked through the rule,
+    since int() truncates float round-off; then unrounded."""
+    for mult in (round(1.5 * width / hidden_size, 6), 1.5 * width / hidden_size):
+        if ffn_mult_to_intermediate_size(mult, hidden_size) == width:
+            return float(mult)
+    return None
+
+
+def decilm_problem(config):
+    """Why this bundled output cannot be written as DeciLM exactly, or None."""
+    problem = stock_problem(config, None, None)
+    if problem and not problem.startswith("the MLP widths differ per block"):
+        return problem
+    width = (config.get("residual_widths") or [config["hidden_size"]])[0]
+    heads = config["num_attention_heads"]
+    if width < config["hidden_size"] and width % heads:
+        return (f"the residual width {width} is not a multiple of the {heads} heads, which DeciLM's Llama-based "
+                "config refuses")
+    for block, size in enumerate(mlp_widths(config)):
+        if size % DECILM_MULTIPLE:
+            return (f"MLP width {size} in block {block} is not a multiple of {DECILM_MULTIPLE}, which DeciLM's "
+                    f"ffn_mult encoding requires; compress with --width-multiple {DECILM_MULTIPLE}")
+        if size and ffn_mult_for(size, width) is None:
+            return f"no ffn_mult maps back to MLP width {size} in block {block} (residual width {width})"
+    return None
+
+
 def _unties_head(in_dir, weight_map):
     """Whether a stock writing would have to untie the head (its adapter is not diagonal)."""
     if "head_adapter.weight" not in weight_map:
@@ -109,8 +164,11 @@ def _head_tensors(in_dir, config, weight_map, width, gain):
     return {"model.norm.weight": torch.full((width,), gain, dtype=adapter.dtype), "lm_head.weight": head}, False, note
 
 
-def write_stock(in_dir, out_dir, config, weight_map):
-    """Rewrite the bundled output in `in_dir` as its source architecture into `out_dir`; returns the card note."""
+def _write_stock_tensors(in_dir, out_dir, config, weight_map, no_mlp=()):
+    """The stock tensors of the bundled output in `in_dir`, written into `out_dir`: its shards with stock
+    norm weights added, and the head. Blocks in `no_mlp` lose their MLP (a width-0 one) and its norm.
+    Returns (base config, weight map, card note): the base config is the bundled one without our keys,
+    with the stock widths and norm constants."""
     spec = spec_named(config.get("base_model_type", "llama"))
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     # One shared basis narrows the residual to k: a stock RMSNorm over k with weight sqrt(d/k) and eps
@@ -120,12 +178,14 @@ def write_stock(in_dir, out_dir, config, weight_map):
     embedding = "model.embed_tokens.weight"  # the output's dtype, from its header (no tensor read)
     dtype = SUPPORTED_DTYPES[read_safetensors_header(os.path.join(in_dir, weight_map[embedding]))[embedding]["dtype"]]
     writer = ShardWriter(out_dir, dtype)
+    dropped = tuple(spec.block_name(i, role) + "." for i in no_mlp for role in (*spec.mlp_readers, spec.mlp_writer))
     new_map = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = {k: v for k, v in _load(in_dir, shard).items() if k not in ("head_adapter.weight", "lm_head.weight")}
+        tensors = {k: v for k, v in _load(in_dir, shard).items()
+                   if k not in ("head_adapter.weight", "lm_head.weight") and not k.startswith(dropped)}
         for i in range(layers):
             if any(name.startswith(spec.block.format(i=i)) for name in tensors):
-                for role in (spec.attn_norm, spec.mlp_norm):
+                for role in (spec.attn_norm,) + (() if i in no_mlp else (spec.mlp_norm,)):
                     tensors[spec.block_name(i, role) + ".weight"] = torch.full((width,), gain, dtype=dtype)
         if tensors:
             writer.write_shard(shard, tensors)
@@ -135,19 +195,50 @@ def write_stock(in_dir, out_dir, config, weight_map):
     new_map.update({name: "model-head.safetensors" for name in head})
     stock = {k: v for k, v in config.items() if k not in BUNDLED_KEYS}
     stock.update(architectures=[spec.architectures[0]], model_type=spec.name, tie_word_embeddings=tied,
-                 intermediate_size=(config.get("intermediate_sizes") or [config["intermediate_size"]])[0])
+                 intermediate_size=mlp_widths(config)[0])
     if width < hidden:
-        heads = config["num_attention_heads"]
-        stock.update(hidden_size=width, head_dim=config.get("head_dim") or hidden // heads,
+        stock.update(hidden_size=width, head_dim=config.get("head_dim") or hidden // config["num_attention_heads"],
                      rms_norm_eps=config.get("rms_norm_eps", 1e-6) * hidden / width)
-        if width % heads and spec.name == "llama":
-            # transformers' LlamaConfig refuses a hidden size its head count does not divide, even with
-            # head_dim set; Mistral's layout is Llama's, and without a sliding window computes the same.
-            stock.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
-            note = (note + " " if note else "") + (
-                f"Written as MistralForCausalLM (same layout as Llama, no sliding window): the residual width "
-                f"{width} is not a multiple of the {heads} heads, which LlamaConfig refuses.")
     return stock, new_map, note
+
+
+def write_stock(in_dir, out_dir, config, weight_map):
+    """Rewrite the bundled output in `in_dir` as its source architecture into `out_dir`; returns the
+    config, the weight map and the card note."""
+    stock, new_map, note = _write_stock_tensors(in_dir, out_dir, config, weight_map)
+    width, heads = stock["hidden_size"], config["num_attention_heads"]
+    if width < config["hidden_size"] and width % heads and stock["model_type"] == "llama":
+        # transformers' LlamaConfig refuses a hidden size its head count does not divide, even with
+        # head_dim set; Mistral's layout is Llama's, and without a sliding window computes the same.
+        stock.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+        note = (note + " " if note else "") + (
+            f"Written as MistralForCausalLM (same layout as Llama, no sliding window): the residual width "
+            f"{width} is not a multiple of the {heads} heads, which LlamaConfig refuses.")
+    return stock, new_map, note
+
+
+def write_decilm(in_dir, out_dir, config, weight_map):
+    """Rewrite the bundled output in `in_dir` as DeciLM / nemotron-nas into `out_dir` (decilm_problem(config)
+    must be None): the stock tensors, a width-0 MLP left out, and per block its `block_configs` entry.
+    Returns the config, the weight map and the card note; the modeling files are the caller's."""
+    widths = mlp_widths(config)
+    out, new_map, note = _write_stock_tensors(in_dir, out_dir, config, weight_map,
+                                              no_mlp={i for i, w in enumerate(widths) if w == 0})
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    window = out.pop("sliding_window", None)
+    if window is not None and window < config.get("max_position_embeddings", window + 1):
+        note = (note + " " if note else "") + (
+            f"The source's sliding attention window ({window} tokens) is not written: DeciLM has no field for one "
+            "(the bundled output did not apply it either).")
+    blocks = [{"attention": {"n_heads_in_group": heads // kv_heads, "no_op": False, "replace_with_linear": False},
+               "ffn": ({"ffn_mult": ffn_mult_for(w, out["hidden_size"]), "no_op": False, "replace_with_linear": False}
+                       if w else {"ffn_mult": None, "no_op": True, "replace_with_linear": False})}
+              for w in widths]
+    out.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", auto_map=dict(DECILM_AUTO_MAP),
+               block_configs=blocks, num_key_value_heads=kv_heads, intermediate_size=max(widths),
+               head_dim=out.get("head_dim") or config["hidden_size"] // heads)
+    return out, new_map, note
 
 
 def export(in_dir, out_dir, fmt="auto", link=False, name=None):
@@ -162,12 +253,22 @@ def export(in_dir, out_dir, fmt="auto", link=False, name=None):
     problem = stock_problem(config, in_dir, weight_map)
     if fmt == "stock" and problem:
         raise StreamResizeError(f"{name or in_dir}: cannot be written as a stock checkpoint: {problem}")
-    if fmt == "auto" and problem is None and _unties_head(in_dir, weight_map):
-        # Exact, but larger: the tied head would need a vocabulary-sized matrix of its own, which a
-        # --target-size budget did not count. Only an explicit --save-format stock does that.
-        problem = ("the tied head reads through a non-diagonal adapter, which a stock checkpoint could hold only "
-                   "by untying the head (a vocabulary-sized matrix more; --save-format stock does that)")
-    chosen = "stock" if fmt == "stock" or (fmt == "auto" and problem is None) else "bundled"
+    deci = decilm_problem(config) if fmt in ("auto", "decilm") else None
+    if fmt == "decilm" and deci:
+        raise StreamResizeError(f"{name or in_dir}: cannot be written as a DeciLM checkpoint: {deci}")
+    chosen = fmt
+    if fmt == "auto":
+        target = "stock" if problem is None else "DeciLM" if deci is None else None
+        if target and _unties_head(in_dir, weight_map):
+            # Exact, but larger: the tied head would need a vocabulary-sized matrix of its own, which a
+            # --target-size budget did not count. Only an explicit --save-format stock/decilm does that.
+            problem = (f"the tied head reads through a non-diagonal adapter, which a {target} checkpoint could hold "
+                       f"only by untying the head (a vocabulary-sized matrix more; --save-format {target.lower()} "
+                       "does that)")
+            target = None
+        elif problem and deci and deci != problem:
+            problem = f"{problem}, and DeciLM cannot hold them either: {deci}"
+        chosen = {"stock": "stock", "DeciLM": "decilm", None: "bundled"}[target]
     os.makedirs(out_dir, exist_ok=True)
     for temp in glob.glob(os.path.join(out_dir, "*.tmp")):  # writes a kill interrupted: never part of an output
         os.remove(temp)
@@ -186,23 +287,27 @@ def export(in_dir, out_dir, fmt="auto", link=False, name=None):
                 _place(src, dst, link)
         out_config = config
     else:
-        out_config, new_map, note = write_stock(in_dir, out_dir, config, weight_map)
+        writer = write_stock if chosen == "stock" else write_decilm
+        out_config, new_map, note = writer(in_dir, out_dir, config, weight_map)
+        for modeling in MODELING_FILES[chosen]:  # the code auto_map names: before the index, as all else
+            with open(os.path.join(os.path.dirname(__file__), "modeling", modeling), "rb") as f:
+                atomic_write_bytes(os.path.join(out_dir, modeling), f.read())
         atomic_write_json(os.path.join(out_dir, "config.json"), out_config)
         copy_tokenizer_files(in_dir, out_dir)
         for name in (RUN_LOG, "streamresize_eval.json"):
             if os.path.exists(os.path.join(in_dir, name)):
                 shutil.copyfile(os.path.join(in_dir, name), os.path.join(out_dir, name))
         index = None
-    if chosen == "stock":
         parameters = sum(math.prod(_shape(out_dir, shard, name)) for name, shard in new_map.items())
     write_card(out_dir, out_config, chosen, problem if chosen == "bundled" else None, note, parameters)
+    for other in set().union(*MODELING_FILES.values()) - set(MODELING_FILES[chosen]):
+        if os.path.exists(os.path.join(out_dir, other)):  # another format's code, written here before
+            os.remove(os.path.join(out_dir, other))
     if index is not None:
         _place(index, stale, link)
     else:
         total = sum(os.path.getsize(os.path.join(out_dir, s)) for s in set(new_map.values()))
         atomic_write_json(stale, {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))})
-    for leftover in glob.glob(os.path.join(out_dir, MODELING_FILE)) if chosen == "stock" else []:
-        os.remove(leftover)
     return chosen
 
 
@@ -249,6 +354,8 @@ def write_card(out_dir, config, fmt, why_bundled, note, parameters):
                   "| vLLM | `vllm serve DIR` |",
                   "| llama.cpp / Ollama | `python convert_hf_to_gguf.py DIR` |",
                   "| TGI | `--model-id DIR` |"]
+    elif fmt == "decilm":
+        lines += _decilm_card(config)
     else:
         lines += ["The bundled format: `model_type: streamresize` with `modeling_streamresize.py` in this folder.",
                   f"It is bundled because {why_bundled}." if why_bundled else "", "",
@@ -258,9 +365,40 @@ def write_card(out_dir, config, fmt, why_bundled, note, parameters):
                   "| vLLM, llama.cpp, TGI | cannot load this format |"]
     if note:
         lines += ["", note]
-    lines += ["", "Held-out perplexity and zero-shot accuracy: `streamresize eval DIR --dataset TEXT --tasks "
-              "wiki-next-sentence` (written to `streamresize_eval.json`)."]
+    if fmt != "decilm":  # streamresize's own loader (loading.py) registers no DeciLM classes yet
+        lines += ["", "Held-out perplexity and zero-shot accuracy: `streamresize eval DIR --dataset TEXT --tasks "
+                  "wiki-next-sentence` (written to `streamresize_eval.json`)."]
     atomic_write_bytes(os.path.join(out_dir, CARD), ("\n".join(lines) + "\n").encode())
+
+
+def _decilm_card(config):
+    blocks = config["block_configs"]
+    widths = [0 if b["ffn"]["no_op"] else ffn_mult_to_intermediate_size(b["ffn"]["ffn_mult"], config["hidden_size"])
+              for b in blocks]
+    listed = ", ".join(f"{i}: {w} (`ffn_mult` {b['ffn']['ffn_mult']})" if w else f"{i}: none (`ffn.no_op`)"
+                       for i, (w, b) in enumerate(zip(widths, blocks)))
+    heads, head_dim = config["num_attention_heads"], config["head_dim"]
+    if config["hidden_size"] == heads * head_dim:
+        gguf = "`python convert_hf_to_gguf.py DIR` (arch `deci`: per-layer `feed_forward_length`)"
+    else:
+        gguf = (f"cannot: its DeciLM converter takes the head size as hidden_size / num_attention_heads "
+                f"({config['hidden_size']} / {heads}), and this model's heads are {head_dim} wide")
+    return ["A DeciLM / nemotron-nas checkpoint (`DeciLMForCausalLM`, `model_type: nemotron-nas`): a Llama whose "
+            "`block_configs` give each block its own MLP width, which one stock `intermediate_size` cannot. "
+            "A block's width is int(2 x `ffn_mult` x hidden_size / 3) rounded up to a multiple of 256, the rule "
+            "vLLM and llama.cpp apply; a block without an MLP is an `ffn.no_op` (no MLP weights, no norm before "
+            "it). Norm gains are folded into the linears that read them, as in the stock format (weights 1, or "
+            "sqrt(d/k) with rms_norm_eps scaled by d/k where one shared basis narrowed the residual from d to k), "
+            "except the final norm of a tied head, which holds its gain.", "",
+            f"MLP width per block: {listed}.", "",
+            "| tool | how |", "|---|---|",
+            "| transformers | `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`: transformers has "
+            "no DeciLM class; the code is in this folder (`configuration_decilm.py`, `modeling_decilm.py`, torch "
+            "and transformers only) |",
+            "| vLLM | `vllm serve DIR --trust-remote-code`: vLLM's own DeciLM modeling; the flag lets it build the "
+            "config class |",
+            f"| llama.cpp / Ollama | {gguf} |",
+            "| TGI | cannot load this format (no DeciLM support) |"]
 
 
 def write_bundled_card(out_dir, config, weight_map):
