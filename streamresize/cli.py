@@ -100,6 +100,10 @@ def _run_options(p):
                         "width curves from a pass over the dense model share one budget across blocks) or "
                         "learned (the paper's hypernetwork, trained on the whole model: needs it to fit)")
     p.add_argument("--mlp-sparsity", type=float, help="fraction of MLP intermediate neurons removed (default 0)")
+    p.add_argument("--attention-sparsity", type=float,
+                   help="fraction of attention query heads removed in every block, chosen by structured OBS "
+                        "on o_proj (the same number from every KV group, so GQA stays stock; whole heads with "
+                        "their keys and values where every head has its own); default 0")
     p.add_argument("--target-size", type=float,
                    help="fraction of the source's total parameters to keep (tied tensors once); picks "
                         "--sparsity and --mlp-sparsity, mixed by --mlp-ratio")
@@ -192,7 +196,7 @@ def _report_parser(sub):
     p.add_argument("-o", "--output", help="report directory (default: OUT_DIR/report for one input)")
 
 
-RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "target_size", "mlp_ratio", "mlp_method", "basis",
+RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "attention_sparsity", "target_size", "mlp_ratio", "mlp_method", "basis",
                   "allocation", "head", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
                   "device", "seed", "width_multiple", "dtype", "compute_dtype")
 

@@ -125,7 +125,7 @@ def decilm_problem(config):
         return problem
     width = (config.get("residual_widths") or [config["hidden_size"]])[0]
     heads = config["num_attention_heads"]
-    if width < config["hidden_size"] and width % heads:
+    if width % heads:  # a narrowed residual, or attention heads removed
         return (f"the residual width {width} is not a multiple of the {heads} heads, which DeciLM's Llama-based "
                 "config refuses")
     for block, size in enumerate(mlp_widths(config)):
@@ -207,7 +207,7 @@ def write_stock(in_dir, out_dir, config, weight_map):
     config, the weight map and the card note."""
     stock, new_map, note = _write_stock_tensors(in_dir, out_dir, config, weight_map)
     width, heads = stock["hidden_size"], config["num_attention_heads"]
-    if width < config["hidden_size"] and width % heads and stock["model_type"] == "llama":
+    if width % heads and stock["model_type"] == "llama":  # a narrowed residual, or heads removed
         # transformers' LlamaConfig refuses a hidden size its head count does not divide, even with
         # head_dim set; Mistral's layout is Llama's, and without a sliding window computes the same.
         stock.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)

@@ -16,6 +16,7 @@ class Recipe:
     method: str = "pca"
     sparsity: float = 0.25
     mlp_sparsity: float = 0.0  # fraction of MLP intermediate neurons removed
+    attention_sparsity: float = 0.0  # fraction of attention query heads removed in every block
     target_size: float | None = None  # fraction of the source's total parameters; sets both sparsities
     mlp_ratio: float | str = 1.0  # with target_size: MLP sparsity = mlp_ratio x residual sparsity; "fill":
     # the residual keeps --sparsity and the MLP width meets the budget
@@ -80,7 +81,7 @@ class Recipe:
             raise bad("seed", "must be at least 0")
         if self.mlp_ratio != "fill" and self.mlp_ratio < 0:
             raise bad("mlp_ratio", "must be at least 0")
-        for name in ("sparsity", "mlp_sparsity"):
+        for name in ("sparsity", "mlp_sparsity", "attention_sparsity"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, "must be at least 0 and below 1 (the fraction removed)")
         if self.target_size is not None and not 0 < self.target_size <= 1:
@@ -112,7 +113,7 @@ class Recipe:
 
 
 INT_FIELDS = ("num_calibration_samples", "max_seq_length", "batch_size", "seed", "width_multiple")
-FLOAT_FIELDS = ("sparsity", "mlp_sparsity", "target_size")
+FLOAT_FIELDS = ("sparsity", "mlp_sparsity", "attention_sparsity", "target_size")
 OPTIONAL_FIELDS = ("target_size",)
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"mlp_method": ("auto", "prune", "dotresize"), "basis": ("per-point", "shared"),

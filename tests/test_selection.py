@@ -69,3 +69,45 @@ def test_global_allocation_of_a_learned_kind_is_refused_for_slicing_methods(tiny
                            allocation="learned"), check=False)
     assert r.returncode == 2 and "--allocation learned" in r.stderr and "--method disp" in r.stderr
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("method", ["prune", "dotresize"])
+def test_removing_heads_per_kv_group_loads_and_matches_the_blocks_it_recorded(tiny_model, texts, tmp_path, method):
+    """4 query heads over 2 KV heads: removing half keeps one query head per KV group."""
+    result = _compress(tiny_model, tmp_path / "out", texts, method=method, sparsity=0.0, mlp_sparsity=0.25,
+                       attention_sparsity=0.5, save_format="bundled")
+    config = read_config(tmp_path / "out")
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 2, 16)
+    for i, block in enumerate(config["streamresize"]["attention"]):
+        kept = block["kept"]
+        assert len(kept) == 2 and {h // 2 for h in kept} == {0, 1}  # one from each KV group
+        assert block["local_error"] <= block["prune_error"] + 1e-12  # the refit never hurts
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "out" / "model-block-00000.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").shape == (32, 64)
+        assert f.get_tensor("model.layers.0.self_attn.k_proj.weight").shape == (32, 64)
+        assert f.get_tensor("model.layers.0.self_attn.o_proj.weight").shape == (64, 32)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = streamresize.load(str(tmp_path / "out"))(ids).logits
+    assert torch.isfinite(logits).all()
+    full = _compress(tiny_model, tmp_path / "mlp-only", texts, method=method, sparsity=0.0, mlp_sparsity=0.25,
+                     save_format="bundled")
+    assert full["parameters"] - result["parameters"] == 4 * 2 * (2 * 16 * 64)  # q rows and o columns of 2 heads
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_uniform_head_and_neuron_removal_saves_stock_and_matches_bundled(tiny_model, tiny_model_tied, texts,
+                                                                         tmp_path, tied):
+    from test_formats import bundled_logits, plain_logits
+    model = tiny_model_tied if tied else tiny_model
+    options = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.25, attention_sparsity=0.5,
+                   method_options={"mlp_support": "obs", "mlp_reader": "lstsq"})
+    assert _compress(model, tmp_path / "stock", texts, save_format="stock", **options)["format"] == "stock"
+    _compress(model, tmp_path / "bundled", texts, save_format="bundled", **options)
+    config = read_config(tmp_path / "stock")
+    assert config["model_type"] == "llama" and config["num_attention_heads"] == 2 and config["head_dim"] == 16
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))
+    logits, cls = plain_logits(tmp_path / "stock", ids, tmp_path)
+    assert cls == "LlamaForCausalLM"
+    assert (logits - bundled_logits(tmp_path / "bundled", ids)).abs().max().item() < 1e-4

@@ -28,6 +28,7 @@ from ..writer import atomic_write_json, save_tensors
 from . import dotresize, pca, prune, target_width
 from .base import WidthMethod
 from .allocation import global_widths
+from .heads import HeadLayout, select_heads
 from .neurons import OBS_DAMP, narrow_mlp
 from .obs import obs_order
 from .options import Option
@@ -104,6 +105,11 @@ class SlicingMethod(WidthMethod):
         if r.allocation not in ("uniform", "global"):
             raise StreamResizeError(f"--allocation {r.allocation}: {self.name} takes uniform or global (learned is "
                                     "DISP-LLM's hypernetwork: --method disp)")
+        self.heads_source = HeadLayout.from_config(c)
+        self.heads_kept = self.heads_source.kept(r.attention_sparsity)
+        if self.heads_kept != self.heads_source and r.basis == "shared":
+            raise StreamResizeError("--attention-sparsity with --basis shared is not supported yet (the shared basis "
+                                    "is fitted on the dense attention); use --basis per-point")
         self._choose_widths()
 
     def _choose_widths(self):
@@ -115,7 +121,7 @@ class SlicingMethod(WidthMethod):
             intermediate = target_width(c["intermediate_size"], r.mlp_sparsity, r.width_multiple)
         else:
             width, intermediate = widths_for_target(
-                c, r.target_size, run.reader.parameter_count(), r.mlp_ratio, r.width_multiple,
+                self._head_config(), r.target_size, run.reader.parameter_count(), r.mlp_ratio, r.width_multiple,
                 r.basis == "per-point" and r.sparsity > 0, self.tied_head,
                 residual_width=target_width(hidden, r.sparsity, r.width_multiple))
             log.info("target size %.3f: residual width %d of %d, MLP width %d of %d", r.target_size, width,
@@ -123,19 +129,31 @@ class SlicingMethod(WidthMethod):
         self.widths = [width] * (2 * run.num_layers + 1)
         self.intermediate_sizes = [intermediate] * run.num_layers
 
+    def _head_config(self):
+        """The source config with the kept head counts (what the budget and the output use)."""
+        c, kept = self.run.source_config, self.heads_kept
+        if kept == self.heads_source:
+            return c
+        return {**c, "num_attention_heads": kept.heads, "num_key_value_heads": kept.kv_heads, "head_dim": kept.head_dim}
+
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _fields(self, widths):
+    def _fields(self, widths, heads=None):
+        heads = heads or self.heads_kept
+        fields = {}
+        if heads != self.heads_source:
+            fields = dict(num_attention_heads=heads.heads, num_key_value_heads=heads.kv_heads, head_dim=heads.head_dim)
         return self.run.model_config_fields(residual_widths=widths, intermediate_sizes=self.intermediate_sizes,
-                                            shortcuts=None)
+                                            shortcuts=None, **fields)
 
-    def _calibration_layer(self, i, k_in, weights):
+    def _calibration_layer(self, i, k_in, weights, heads=None):
         """Block i built by the output's own layer code, reading k_in columns; its writers stay
-        full width until their point is solved, and the MLP readers are set once they are known."""
+        full width until their point is solved, and the MLP readers are set once they are known.
+        `heads`: the head layout it is built with (default: the kept one)."""
         run = self.run
         widths = [run.hidden] * len(self.widths)  # inside the run, writers stay full width until solved
         widths[2 * i] = k_in
-        config = StreamResizeConfig(**self._fields(widths))
+        config = StreamResizeConfig(**self._fields(widths, heads))
         config._attn_implementation = run.block_config._attn_implementation
         with torch.device("meta"):
             layer = StreamResizeDecoderLayer(config, i)
@@ -268,6 +286,10 @@ class SlicingMethod(WidthMethod):
         attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
         readers = {r: rotate_reader(fold_norm(run.block_weight(i, r), attn_norm), reader_in) for r in f.attn_readers}
         w_o, w_down = run.block_weight(i, f.attn_writer), run.block_weight(i, f.mlp_writer)
+        heads_point = None
+        if self.heads_kept != self.heads_source:
+            progress.set_postfix_str(f"block {i}: choosing heads")
+            readers, w_o, heads_point = self._narrow_heads(i, k_in, readers, w_o, source)
         layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, f.mlp_writer: w_down, **readers})
         readers = run.as_output(readers)  # the layer holds its own copies; keep only what is written
 
@@ -332,6 +354,7 @@ class SlicingMethod(WidthMethod):
                 tensors[prefix + name + ".weight"] = matrix
         rss, gpu = peak_memory_mb(run.device)
         entry = {"step": f"block {i}", "block": i, "points": [point_attn, point_mlp], "mlp": mlp_point,
+                 **({"attention": heads_point} if heads_point else {}),
                  "seconds": time.time() - start, "peak_rss_mb": rss, "peak_gpu_mb": gpu}
         self._commit(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, reader_out, entry)
         mlp_text = (f"MLP {self.intermediate_sizes[i]} of {run.source_config['intermediate_size']} "
@@ -478,6 +501,36 @@ class SlicingMethod(WidthMethod):
                  2 * run.num_layers + 1)
         return basis
 
+    def _narrow_heads(self, i, k_in, readers, w_o, source):
+        """One pass of the block's dense attention for the moments of o_proj's input, then keep the heads
+        whose removal (o_proj refitted on the rest) costs the attention output least."""
+        run, f = self.run, self.run.family
+        layout, kept = self.heads_source, self.heads_kept
+        layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, **readers}, heads=layout)
+        width = layout.heads * layout.head_dim
+        stats = Moments(width, run.device)
+        hook = layer.self_attn.o_proj.register_forward_pre_hook(lambda module, args: stats.add(args[0]))
+        view_in = run.cache.view(source, k_in)
+        with torch.no_grad():
+            for rows in run.cache.batches(run.recipe.batch_size):
+                x = run.cache.read(view_in, rows, run.device)
+                layer.self_attn(layer.input_layernorm(x), **attention_inputs(run.block_config, run.rotary, x))
+                fault_point("accumulating")
+        hook.remove()
+        del layer
+        stats = run.reduce(stats)
+        heads, kv, w_o, info = select_heads(stats.gram, w_o, layout, kept)
+        fault_point("heads")
+        q_role, k_role, v_role = f.attn_readers
+        readers = dict(readers)
+        readers[q_role] = readers[q_role][layout.rows(heads).to(run.device)]
+        if kv != list(range(layout.kv_heads)):
+            for role in (k_role, v_role):
+                readers[role] = readers[role][layout.rows(kv).to(run.device)]
+        log.info("block %d: attention heads %d of %d (kept %s), o_proj output error %.4f (pruning alone %.4f)",
+                 i, info["heads"], layout.heads, info["kept"], info["local_error"], info["prune_error"])
+        return readers, w_o.float(), info
+
     def _narrow_mlp(self, i, layer, scratch, basis_attn_f, mlp_readers, w_down):
         """One pass for the intermediate activations on the narrowed prefix, then keep k of d_ff neurons."""
         run = self.run
@@ -515,6 +568,9 @@ class SlicingMethod(WidthMethod):
                       shortcuts=[[f"model.layers.{i}.{n}.weight" in weight_map for n in ("attn_shortcut", "mlp_shortcut")]
                                  for i in range(self.run.num_layers)],
                       tie_word_embeddings=self.tied_head, head_adapter=self.tied_head)
+        if self.heads_kept != self.heads_source:
+            config.update(num_attention_heads=self.heads_kept.heads, num_key_value_heads=self.heads_kept.kv_heads,
+                          head_dim=self.heads_kept.head_dim)
         return config
 
     def stock_problem(self):
@@ -527,7 +583,10 @@ class SlicingMethod(WidthMethod):
         return None
 
     def record(self, steps):
-        return {"mlp_method": self.mlp_method, "mlp": [step["mlp"] for step in steps if step.get("mlp")]}
+        record = {"mlp_method": self.mlp_method, "mlp": [step["mlp"] for step in steps if step.get("mlp")]}
+        if self.heads_kept != self.heads_source:
+            record["attention"] = [step["attention"] for step in steps if step.get("attention")]
+        return record
 
     def footprint(self):
         """What the planner needs of this run (plan.py)."""
