@@ -14,20 +14,22 @@ def output_parameters(config, width, intermediate, shortcuts, tied_head):
     return vocab * width + head + layers * (shape.parameters(shape.narrowed(width, intermediate)) + skip)
 
 
-def widths_for_target(config, target, source_parameters, mlp_ratio, multiple, shortcuts, tied_head,
+def widths_for_target(config, target, source_parameters, mlp_ratio, multiples, shortcuts, tied_head,
                       residual_width=None):
     """Widths whose output fits `target` x the source's parameters. Returns (width, intermediate).
 
     mlp_ratio a number: the largest residual width (a multiple of `multiple`) that fits, with the MLP
     losing `mlp_ratio` times the residual's sparsity. mlp_ratio "fill": the residual keeps
-    `residual_width` and the MLP takes the largest width that fits.
+    `residual_width` and the MLP takes the largest width that fits. `multiples`: one number, or
+    (residual multiple, MLP multiple).
     """
+    multiple, mlp_multiple = multiples if isinstance(multiples, tuple) else (multiples, multiples)
     if not 0 < target <= 1:
         raise StreamResizeError(f"--target-size must be in (0, 1], got {target}")
     d, ff = config["hidden_size"], config["intermediate_size"]
     budget = target * source_parameters
     if mlp_ratio == "fill":
-        for intermediate in range(ff // multiple * multiple, 0, -multiple):
+        for intermediate in range(ff // mlp_multiple * mlp_multiple, 0, -mlp_multiple):
             if output_parameters(config, residual_width, intermediate, shortcuts, tied_head) <= budget:
                 return residual_width, intermediate
         raise StreamResizeError(f"--target-size {target}: the MLP alone cannot meet it at residual width "
@@ -35,7 +37,7 @@ def widths_for_target(config, target, source_parameters, mlp_ratio, multiple, sh
     for width in range(d // multiple * multiple, 0, -multiple):
         sparsity = 1 - width / d
         mlp_sparsity = min(0.95, mlp_ratio * sparsity)
-        intermediate = max(multiple, int((1 - mlp_sparsity) * ff) // multiple * multiple)
+        intermediate = max(mlp_multiple, int((1 - mlp_sparsity) * ff) // mlp_multiple * mlp_multiple)
         if output_parameters(config, width, intermediate, shortcuts, tied_head) <= budget:
             return width, intermediate
     raise StreamResizeError(f"--target-size {target}: no width fits the budget")

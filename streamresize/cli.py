@@ -87,6 +87,10 @@ def _plan_parser(sub):
     _run_options(p)
 
 
+def _multiple(value):
+    return "auto" if value == "auto" else int(value)
+
+
 def _run_options(p):
     p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); options given here override it")
     p.add_argument("--method", help="width method: pca (SliceGPT-style rotate-and-slice), prune (keep the "
@@ -130,7 +134,10 @@ def _run_options(p):
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, help="seed for sampling calibration windows (default 0)")
-    p.add_argument("--width-multiple", type=int, help="round kept widths down to a multiple of this (default 8)")
+    p.add_argument("--width-multiple", type=_multiple,
+                   help="round kept widths down to a multiple of this; auto (default): the largest of 128/64/32/"
+                        "16/8 that leaves at least 16 widths to choose from (GPU-friendly shapes), and 256 for MLP "
+                        "widths under --save-format decilm (its ffn_mult encoding needs them)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default: the input's)")
     p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16", "float16"],

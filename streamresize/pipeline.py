@@ -85,9 +85,10 @@ class Run:
         self.method = registry.build(recipe.method, self)
         if self.method.fixed_compute_dtype is not None:
             self.compute_dtype = self.method.fixed_compute_dtype
-        problem = self.method.stock_problem() if save_format == "stock" else None
+        problem = self.method.stock_problem() if save_format in ("stock", "decilm") else None
         if problem:  # known from the widths alone: refuse before any work
-            raise StreamResizeError(f"{self.out_dir}: cannot be written as a stock checkpoint: {problem}; "
+            kind = "a stock checkpoint" if save_format == "stock" else "DeciLM"
+            raise StreamResizeError(f"{self.out_dir}: cannot be written as {kind}: {problem}; "
                                     "use --save-format auto or bundled")
 
     # ---- set-up -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ class Recipe:
     batch_size: int = 8
     device: str = "auto"
     seed: int = 0
-    width_multiple: int = 8
+    width_multiple: int | str = "auto"  # auto: GPU-friendly (methods.auto_multiple), 256 for decilm MLP widths
     dtype: str = "auto"  # output dtype: auto = the input checkpoint's
     compute_dtype: str = "auto"  # the block's own compute: auto = bfloat16 on a GPU, float32 on the CPU
     method_options: dict = field(default_factory=dict)
@@ -52,6 +52,9 @@ class Recipe:
 
         for name in INT_FIELDS:
             value = getattr(self, name)
+            if name == "width_multiple" and isinstance(value, str) and value.strip() == "auto":
+                self.width_multiple = "auto"
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     (isinstance(value, float) and not (math.isfinite(value) and value == int(value))):
                 raise bad(name, "expected a whole number")
@@ -75,7 +78,7 @@ class Recipe:
                 raise bad(name, "expected a finite number", value)
             setattr(self, name, value)  # an int stays as written: the recipe's digest is of what was given
         for name in ("num_calibration_samples", "max_seq_length", "batch_size", "width_multiple"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if self.seed < 0:
             raise bad("seed", "must be at least 0")

@@ -54,6 +54,6 @@ def test_target_size_meets_the_budget_tightly(tiny_model_tied, texts, tmp_path, 
 
 def test_target_size_matches_budget_function(tiny_model):
     config = CheckpointReader(tiny_model).config
-    width, ff = widths_for_target(config, 0.6, parameter_count(tiny_model), mlp_ratio=0.0, multiple=8,
+    width, ff = widths_for_target(config, 0.6, parameter_count(tiny_model), mlp_ratio=0.0, multiples=8,
                                   shortcuts=False, tied_head=False)
     assert ff == 96 and width % 8 == 0 and width < 64

@@ -290,8 +290,14 @@ def test_compress_save_format_decilm(tokenizer, texts, tmp_path):
                                     save_format="decilm", **options)
     assert summary["format"] == "decilm"
     assert json.load(open(tmp_path / "fits" / "config.json"))["block_configs"][0]["ffn"]["ffn_mult"] == 12.0
-    with pytest.raises(StreamResizeError, match="MLP width 536 in block 0 is not a multiple of 256"):
-        streamresize.compress(source, str(tmp_path / "refused"), mlp_sparsity=0.3, save_format="decilm", **options)
+    # --width-multiple auto rounds MLP widths to 256 under decilm (768 x 0.7 = 537 -> 512) ...
+    auto = streamresize.compress(source, str(tmp_path / "auto"), mlp_sparsity=0.3, save_format="decilm", **options)
+    assert auto["format"] == "decilm"
+    assert json.load(open(tmp_path / "auto" / "config.json"))["block_configs"][0]["ffn"]["ffn_mult"] == 12.0
+    # ... and a multiple DeciLM cannot express is refused before any work.
+    with pytest.raises(StreamResizeError, match="--width-multiple 8 with --save-format decilm"):
+        streamresize.compress(source, str(tmp_path / "refused"), mlp_sparsity=0.3, width_multiple=8,
+                              save_format="decilm", **options)
     assert not (tmp_path / "refused" / INDEX_NAME).exists()
 
 

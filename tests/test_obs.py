@@ -97,3 +97,27 @@ def test_global_allocation_equals_brute_force_on_convex_curves():
         best = min(sum(c[r] for c, r in zip(curves, rs))
                    for rs in itertools.product(range(5), repeat=3) if sum(rs) == (96 - keep) // 8)
         assert sum(widths) == keep and cost == pytest.approx(best)
+
+
+def test_auto_width_multiples_are_gpu_friendly_and_256_for_decilm():
+    from streamresize.errors import StreamResizeError
+    from streamresize.methods import width_multiples
+    assert width_multiples("auto", 576, 1536) == (32, 64)          # SmolLM2-135M
+    assert width_multiples("auto", 4096, 11008) == (128, 128)      # Llama-2-7B
+    assert width_multiples("auto", 64, 96) == (8, 8)               # too narrow for coarser steps
+    assert width_multiples("auto", 4096, 11008, "decilm") == (128, 256)
+    assert width_multiples(16, 576, 1536) == (16, 16)
+    with pytest.raises(StreamResizeError, match="--width-multiple 64 with --save-format decilm"):
+        width_multiples(64, 576, 1536, "decilm")
+
+
+def test_target_size_is_met_within_one_multiple_with_auto_multiples():
+    from streamresize.budget import output_parameters, widths_for_target
+    config = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+              "num_attention_heads": 9, "num_key_value_heads": 3}
+    source = output_parameters(config, 576, 1536, False, True) - 576 * 576  # tied: no adapter in the source
+    for target in (0.9, 0.8, 0.7):
+        width, ff = widths_for_target(config, target, source, "fill", (32, 64), False, True, residual_width=576)
+        got = output_parameters(config, width, ff, False, True)
+        one_more = output_parameters(config, width, ff + 64, False, True)
+        assert ff % 64 == 0 and got <= target * source < one_more

@@ -12,3 +12,27 @@ def target_width(width, sparsity, multiple=8):
         return width
     kept = int((1.0 - sparsity) * width) // multiple * multiple
     return max(multiple, min(width, kept))
+
+
+# Widths that are multiples of these run at full speed in GPU matrix kernels (tensor-core tiles);
+# DeciLM's ffn_mult encoding can only express MLP widths that are multiples of 256.
+GPU_MULTIPLES = (128, 64, 32, 16, 8)
+DECILM_MULTIPLE = 256
+MIN_STEPS = 16  # a multiple leaves at least this many widths to choose from
+
+
+def auto_multiple(width):
+    """The largest GPU-friendly multiple that still leaves MIN_STEPS widths below `width` (at least 8)."""
+    return next((m for m in GPU_MULTIPLES if width // m >= MIN_STEPS), GPU_MULTIPLES[-1])
+
+
+def width_multiples(setting, hidden, intermediate, save_format="auto"):
+    """(residual multiple, MLP multiple) for --width-multiple `setting` ("auto" or a number)."""
+    if setting == "auto":
+        mlp = DECILM_MULTIPLE if save_format == "decilm" else auto_multiple(intermediate)
+        return auto_multiple(hidden), mlp
+    if save_format == "decilm" and int(setting) % DECILM_MULTIPLE:
+        raise StreamResizeError(f"--width-multiple {setting} with --save-format decilm: DeciLM's ffn_mult encoding "
+                                f"needs MLP widths in multiples of {DECILM_MULTIPLE}; use --width-multiple "
+                                f"{DECILM_MULTIPLE} or leave it at auto")
+    return int(setting), int(setting)

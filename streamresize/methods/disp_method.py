@@ -68,13 +68,15 @@ class DispMethod(WidthMethod):
             raise StreamResizeError(f"--head {r.head}: choose auto, tied or untied")
         self.tied_head = r.head in ("auto", "tied") and source_tied
         disp.check_allocation(r.allocation)
+        # Index sets are bundled-only; auto keeps DISP's fine granularity.
+        self.multiple = 8 if r.width_multiple == "auto" else int(r.width_multiple)
         self.shape = run.shape
         shapes = [self.shape] * run.num_layers
         self.budget = disp.block_budget(shapes, r.sparsity, r.target_size, run.reader.parameter_count())
         self.curves = None
         self.disp_widths = None
         if r.allocation == "uniform":
-            self.disp_widths = disp.uniform_widths(shapes, self.budget, r.width_multiple)
+            self.disp_widths = disp.uniform_widths(shapes, self.budget, self.multiple)
 
     # ---- the pruned block -------------------------------------------------------------------
 
@@ -263,7 +265,7 @@ class DispMethod(WidthMethod):
         refit = bool(self.options["refit"])
         layer = self._disp_layer(i, weights)
         attn, mlp = layer.self_attn, layer.mlp
-        levels = [disp.widths_at(self.shape, keep, self.run.recipe.width_multiple)
+        levels = [disp.widths_at(self.shape, keep, self.multiple)
                   for keep in disp.curve_levels(int(self.options["curve_points"]))]
 
         def dense(rows):
@@ -388,7 +390,7 @@ class DispMethod(WidthMethod):
             atomic_write_json(path, self._curves_json())
             log.info("error curves of %d blocks in %.1fs", self.run.num_layers, time.time() - start)
         self.disp_widths = disp.global_widths([self.shape] * self.run.num_layers, self.curves, self.budget,
-                                              self.run.recipe.width_multiple)
+                                              self.multiple)
 
     def _learned_widths(self, first):
         """The paper's hypernetwork picks the widths (saved, so a resumed run reuses them)."""
@@ -405,7 +407,7 @@ class DispMethod(WidthMethod):
             saved = {"widths": [list(w) for w in widths], "history": history, "seconds": time.time() - start}
             atomic_write_json(path, saved)
         self.learned = saved
-        self.disp_widths = disp_learned.round_widths(saved["widths"], self.shape, self.run.recipe.width_multiple)
+        self.disp_widths = disp_learned.round_widths(saved["widths"], self.shape, self.multiple)
 
     # ---- steps ----------------------------------------------------------------------------------
 

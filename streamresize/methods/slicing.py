@@ -25,7 +25,7 @@ from ..runtime import crash_point, fault_point, peak_memory_mb
 from ..statistics import Moments, pca_error, relative_error
 from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
 from ..writer import atomic_write_json, save_tensors
-from . import dotresize, pca, prune, target_width
+from . import dotresize, pca, prune, target_width, width_multiples
 from .base import WidthMethod
 from .allocation import global_widths
 from .heads import HeadLayout, select_heads
@@ -116,14 +116,16 @@ class SlicingMethod(WidthMethod):
         """Uniform widths from --sparsity / --mlp-sparsity, or from --target-size (the parameter budget)."""
         run, r, c = self.run, self.run.recipe, self.run.source_config
         hidden = run.hidden
+        self.multiples = width_multiples(r.width_multiple, hidden, c["intermediate_size"], run.save_format)
+        residual_multiple, mlp_multiple = self.multiples
         if r.target_size is None:
-            width = target_width(hidden, r.sparsity, r.width_multiple)
-            intermediate = target_width(c["intermediate_size"], r.mlp_sparsity, r.width_multiple)
+            width = target_width(hidden, r.sparsity, residual_multiple)
+            intermediate = target_width(c["intermediate_size"], r.mlp_sparsity, mlp_multiple)
         else:
             width, intermediate = widths_for_target(
-                self._head_config(), r.target_size, run.reader.parameter_count(), r.mlp_ratio, r.width_multiple,
+                self._head_config(), r.target_size, run.reader.parameter_count(), r.mlp_ratio, self.multiples,
                 r.basis == "per-point" and r.sparsity > 0, self.tied_head,
-                residual_width=target_width(hidden, r.sparsity, r.width_multiple))
+                residual_width=target_width(hidden, r.sparsity, residual_multiple))
             log.info("target size %.3f: residual width %d of %d, MLP width %d of %d", r.target_size, width,
                      hidden, intermediate, c["intermediate_size"])
         self.widths = [width] * (2 * run.num_layers + 1)
@@ -379,7 +381,7 @@ class SlicingMethod(WidthMethod):
     def _allocate_mlp_widths(self, first, progress):
         """Per-layer MLP widths with the uniform allocation's total, spread by each layer's OBS error
         curve on the dense model (saved, so a resumed run reuses them)."""
-        run, multiple = self.run, self.run.recipe.width_multiple
+        run, multiple = self.run, self.multiples[1]
         full = run.source_config["intermediate_size"]
         path = run.work_path("mlp-curves.json")
         if os.path.exists(path):
