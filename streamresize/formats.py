@@ -45,7 +45,7 @@ CARD = "README.md"
 DISP_PROBLEM = "DISP-LLM index sets (every block reads its own channels) need the bundled modeling code"
 SHORTCUT_PROBLEM = "per-point bases carry skip-path matrices, which no stock architecture has"
 BUNDLED_KEYS = ("base_model_type", "residual_widths", "intermediate_sizes", "shortcuts", "head_adapter",
-                "disp_widths", "auto_map")
+                "disp_widths", "auto_map", "linear_biases")
 # DeciLM: the modeling files every decilm output carries (copied from this package, named in auto_map).
 DECILM_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
@@ -123,6 +123,9 @@ def decilm_problem(config):
     problem = stock_problem(config, None, None)
     if problem and not problem.startswith("the MLP widths differ per block"):
         return problem
+    spec = spec_named(config.get("base_model_type", "llama"))
+    if "decilm" not in spec.formats:
+        return f"a {spec.name} model cannot be written as DeciLM: {spec.formats_why}"
     width = (config.get("residual_widths") or [config["hidden_size"]])[0]
     heads = config["num_attention_heads"]
     if width % heads:  # a narrowed residual, or attention heads removed
@@ -365,9 +368,8 @@ def write_card(out_dir, config, fmt, why_bundled, note, parameters):
                   "| vLLM, llama.cpp, TGI | cannot load this format |"]
     if note:
         lines += ["", note]
-    if fmt != "decilm":  # streamresize's own loader (loading.py) registers no DeciLM classes yet
-        lines += ["", "Held-out perplexity and zero-shot accuracy: `streamresize eval DIR --dataset TEXT --tasks "
-                  "wiki-next-sentence` (written to `streamresize_eval.json`)."]
+    lines += ["", "Held-out perplexity and zero-shot accuracy: `streamresize eval DIR --dataset TEXT --tasks "
+              "wiki-next-sentence` (written to `streamresize_eval.json`)."]
     atomic_write_bytes(os.path.join(out_dir, CARD), ("\n".join(lines) + "\n").encode())
 
 

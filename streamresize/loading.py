@@ -15,8 +15,14 @@ def register_auto_classes():
 
     from .modeling.modeling_streamresize import MODEL_TYPE, StreamResizeConfig, StreamResizeForCausalLM
 
+    from .modeling.configuration_decilm import DeciLMConfig
+    from .modeling.modeling_decilm import DeciLMForCausalLM
+
     AutoConfig.register(MODEL_TYPE, StreamResizeConfig, exist_ok=True)
     AutoModelForCausalLM.register(StreamResizeConfig, StreamResizeForCausalLM, exist_ok=True)
+    # A decilm output's shipped code is ours too: use this package's copy, no remote code.
+    AutoConfig.register(DeciLMConfig.model_type, DeciLMConfig, exist_ok=True)
+    AutoModelForCausalLM.register(DeciLMConfig, DeciLMForCausalLM, exist_ok=True)
 
 
 def load_model(model_dir, device="cpu", dtype=None):

@@ -330,3 +330,15 @@ def test_shipped_modeling_reads_per_layer_kv_heads_and_skips_no_op_sublayers():
         cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
         uncached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(cached, uncached)
+
+
+def test_streamresize_eval_loads_a_decilm_output_like_its_bundled_source(bundled_outputs, texts, tmp_path):
+    """`streamresize eval` on a decilm output: this package's DeciLM classes, no remote code, and the
+    same perplexity as the bundled output it was written from."""
+    per_block = narrow_mlps(bundled_outputs["llama", False], tmp_path / "per-block", (768, 256, 512))
+    formats.export(str(per_block), str(tmp_path / "decilm"), "decilm")
+    results = []
+    for out in (per_block, tmp_path / "decilm"):
+        r = cli("eval", out, "--dataset", texts["heldout"], "--max-seq-length", 32, "--num-samples", 4)
+        results.append(json.loads(r.stdout.strip().splitlines()[-1])["perplexity"])
+    assert results[1] == pytest.approx(results[0], rel=1e-4)

@@ -43,7 +43,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 out = sys.argv[1]
 config = json.load(open(os.path.join(out, "config.json")))
-stock = config["model_type"] != "streamresize"
+stock = config["model_type"] not in ("streamresize", "nemotron-nas")  # bundled and decilm ship their code
 model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not stock, dtype=torch.float32).eval()
 tok = AutoTokenizer.from_pretrained(out)
 ids = tok("The river flows through the city of", return_tensors="pt").input_ids
@@ -53,6 +53,9 @@ print(f"{type(model).__name__} ({'no remote code' if stock else 'trust_remote_co
 if stock:
     print(f"a stock {config['architectures'][0]}: loads in transformers, vLLM (vllm serve {out}), "
           "llama.cpp (convert_hf_to_gguf.py) and TGI with no remote code; see its README.md")
+elif config["model_type"] == "nemotron-nas":
+    print("decilm format (per-block MLP widths): vLLM (vllm serve DIR --trust-remote-code), llama.cpp "
+          "(convert_hf_to_gguf.py, arch deci) and transformers with trust_remote_code=True; see its README.md")
 else:
     print("bundled format: loads in transformers with trust_remote_code=True only; see its README.md")
 PYEOF
