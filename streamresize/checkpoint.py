@@ -159,7 +159,7 @@ class CheckpointReader:
                 "inter": (inter, f"intermediate_size {inter}"),
                 "q": (heads * head_dim, f"num_attention_heads {heads} x head_dim {head_dim}"),
                 "kv": (kv_heads * head_dim, f"num_key_value_heads {kv_heads} x head_dim {head_dim}"),
-                "vocab": (vocab, f"vocab_size {vocab}")}
+                "vocab": (vocab, f"vocab_size {vocab}"), "head_dim": (head_dim, f"head_dim {head_dim}")}
         # The roles of a Llama-layout block (every family in arch/ has it): q reads hidden into heads x
         # head_dim, k and v into kv heads x head_dim, o writes back; gate and up widen to the
         # intermediate size, down narrows back.
@@ -170,9 +170,12 @@ class CheckpointReader:
         expected = {spec.embedding: ("vocab", "hidden"), spec.final_norm: ("hidden",)}
         if self.has(spec.head):
             expected[spec.head] = ("vocab", "hidden")
+        for name in spec.extra_tensors:  # reader biases (q or kv rows), per-head norms (head_dim)
+            role, _, kind = name.rpartition(".")
+            block[name] = (("q" if role == q else "kv") if kind == "bias" else "head_dim",)
         for i in range(layers):
             for role, shape in block.items():
-                expected[spec.block_name(i, role) + ".weight"] = shape
+                expected[spec.block_name(i, role) + ("" if role in spec.extra_tensors else ".weight")] = shape
         for name, shape in expected.items():
             if not self.has(name):
                 raise StreamResizeError(

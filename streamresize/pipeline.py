@@ -72,6 +72,9 @@ class Run:
         config_path = os.path.join(self.model_dir, "config.json")
         self.family = spec_for(self.reader.config, config_path)
         self.family.check(self.reader.config, self.reader.weight_map, config_path)
+        problem = self.family.method_problem(recipe.method)
+        if problem:
+            raise StreamResizeError(f"{config_path}: {problem}")
         self.source_config = dict(self.reader.config)
         self.source_config.pop("quantization_config", None)
         c = self.source_config
@@ -85,6 +88,10 @@ class Run:
         self.method = registry.build(recipe.method, self)
         if self.method.fixed_compute_dtype is not None:
             self.compute_dtype = self.method.fixed_compute_dtype
+        if save_format in FORMATS[1:] and save_format not in self.family.formats:
+            raise StreamResizeError(f"{self.out_dir}: --save-format {save_format}: a {self.family.name} model cannot "
+                                    f"be written in this format ({self.family.formats_why}); use "
+                                    f"{' or '.join(('auto', *self.family.formats))}")
         problem = self.method.stock_problem() if save_format in ("stock", "decilm") else None
         if problem:  # known from the widths alone: refuse before any work
             kind = "a stock checkpoint" if save_format == "stock" else "DeciLM"
@@ -195,6 +202,8 @@ class Run:
         """The source's config without what an output never inherits, plus `fields`."""
         c = {k: v for k, v in self.source_config.items() if k not in NOT_INHERITED}
         c.update(base_model_type=self.family.name, **fields)
+        if self.family.biases:  # biases the family's config does not declare: our modeling code reads them here
+            c["linear_biases"] = list(self.family.biases)
         return c
 
     # ---- services for the methods --------------------------------------------------------------
@@ -212,6 +221,11 @@ class Run:
         self.prefetcher.schedule(layer + 1)  # the next block reads from disk while this one computes
         return self.weight(self.family.block_name(layer, role) + ".weight")
 
+    def block_extras(self, layer):
+        """Block `layer`'s tensors besides the roles' weights (reader biases, per-head norms), by their name
+        inside the block, float32 on the device; every method carries them to the output."""
+        return {name: self.weight(self.family.block.format(i=layer) + name) for name in self.family.extra_tensors}
+
     def _group_names(self, layer):
         """Tensors read for block `layer`; past the last block, those of the head step."""
         if layer < self.num_layers:
@@ -228,8 +242,14 @@ class Run:
         return {name: w.to(self.out_dtype) for name, w in tensors.items()}
 
     def set_weights(self, layer, weights):
+        """Set a layer's tensors: a role ("self_attn.q_proj") sets its weight; a name ending in .weight or
+        .bias (`block_extras`) sets that tensor."""
         for role, w in weights.items():
-            layer.get_submodule(role).weight = torch.nn.Parameter(w.to(self.compute_dtype), requires_grad=False)
+            module, _, kind = role.rpartition(".")
+            if kind not in ("weight", "bias"):
+                module, kind = role, "weight"
+            setattr(layer.get_submodule(module), kind,
+                    torch.nn.Parameter(w.to(self.compute_dtype), requires_grad=False))
 
     def reduce(self, moments):
         """Moments summed over every process of the run: the one collective on the math path. A

@@ -29,7 +29,8 @@ CALIB = {"num_calibration_samples": 12, "max_seq_length": 32, "batch_size": 5}
 # or the stock-transformers loader below. Nothing here may import streamresize (see _blocked_load).
 PRELOAD = ["numpy", "torch", "safetensors.torch", "transformers", "transformers.modeling_utils",
            "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama",
-           "transformers.models.mistral.modeling_mistral", "ot", "yaml", "tqdm"]
+           "transformers.models.mistral.modeling_mistral", "transformers.models.qwen2.modeling_qwen2",
+           "transformers.models.qwen3.modeling_qwen3", "ot", "yaml", "tqdm"]
 HF_ENV = {"HF_HUB_OFFLINE": "1"}
 
 

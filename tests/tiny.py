@@ -37,15 +37,24 @@ def make_tokenizer(texts_path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def make_tiny_llama(path, tokenizer, dtype=torch.float32, seed=0, tie=False, layers=4, shards=3,
-                    architecture="llama"):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+# family (arch.FAMILIES) -> transformers config and model classes of its tiny test models
+TINY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+                "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if architecture == "llama" else (MistralConfig, MistralForCausalLM)
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                        tie_word_embeddings=tie, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                        pad_token_id=None, rms_norm_eps=1e-5)
+
+def make_tiny_llama(path, tokenizer, dtype=torch.float32, seed=0, tie=False, layers=4, shards=3,
+                    architecture="llama", **overrides):
+    """A tiny random model of family `architecture` (TINY_CLASSES), saved in several shards; `overrides`
+    replace config fields (vocab_size, rope_parameters, ...). Every 1-d tensor (norm gains, biases, q/k
+    norms) is 1 + 0.3 N(0, 1), so folding and carrying them is exercised."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, name) for name in TINY_CLASSES[architecture])
+    fields = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  tie_word_embeddings=tie, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                  pad_token_id=None, rms_norm_eps=1e-5)
+    config = config_cls(**{**fields, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import importlib
 
 from ..errors import StreamResizeError
 
-FAMILIES = ("llama", "mistral")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def specs():
@@ -27,3 +27,20 @@ def spec_named(name):
     if name not in FAMILIES:
         raise StreamResizeError(f"model family '{name}' unknown; known: {', '.join(FAMILIES)}")
     return importlib.import_module(f"{__name__}.{name}").SPEC
+
+
+FORMAT_NAMES = ("stock", "decilm", "bundled")
+
+
+def support_matrix(methods):
+    """The README's support matrix (family x method x output format), rendered from the adapters as a
+    markdown table; `methods`: the registered method names (arch imports no method)."""
+    header = ["family", "architectures", "carried besides Llama's tensors", *methods, *FORMAT_NAMES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for spec in specs():
+        carried = ", ".join(f"`{name}`" for name in spec.extra_tensors) or "-"
+        cells = [spec.name, ", ".join(f"`{a}`" for a in spec.architectures), carried]
+        cells += ["yes" if spec.method_problem(m) is None else f"no: {spec.refused_why}" for m in methods]
+        cells += ["yes" if f in spec.formats else f"no: {spec.formats_why}" for f in FORMAT_NAMES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

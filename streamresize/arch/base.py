@@ -46,6 +46,18 @@ class BlockShape:
 class ArchSpec:
     name: str  # key into the output modeling code's FAMILY_MODULES
     architectures: tuple  # config.json "architectures" entries this spec reads
+    # Readers (of attn_readers) that carry a bias the config may not declare (Qwen2's q/k/v). A reader's
+    # bias is unaffected by any transform of its input side; it follows its rows when heads are removed.
+    biases: tuple = ()
+    # Per-head tensors inside attention, the size of head_dim and shared by every head (Qwen3's q/k
+    # RMSNorm): untouched by residual-width changes and by head removal, carried to the output as they are.
+    head_norms: tuple = ()
+    # Width methods this family takes (None: every registered one), and why the others are refused.
+    methods: tuple | None = None
+    refused_why: str = ""
+    # Output formats a result of this family can be written as (when the result itself fits them).
+    formats: tuple = ("stock", "decilm", "bundled")
+    formats_why: str = ""
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     head: str = "lm_head.weight"
@@ -65,6 +77,34 @@ class ArchSpec:
         return (self.attn_norm, *self.attn_readers, self.attn_writer, self.mlp_norm, *self.mlp_readers,
                 self.mlp_writer)
 
+    @property
+    def extra_tensors(self):
+        """Block tensors besides the roles' weights, by their name inside the block: reader biases and
+        per-head norm weights. Read, carried through every transform and written like the weights."""
+        return tuple(f"{role}.bias" for role in self.biases) + tuple(f"{norm}.weight" for norm in self.head_norms)
+
+    def select_head_rows(self, extras, q_rows, kv_rows=None):
+        """The extras after head removal: the q bias keeps the kept query heads' rows, the k/v biases
+        the kept KV heads' rows (when whole KV heads go); per-head norms stay as they are."""
+        q_role, *kv_roles = self.attn_readers
+        out = dict(extras)
+        for name, tensor in extras.items():
+            role, _, kind = name.rpartition(".")
+            if kind != "bias":
+                continue
+            if role == q_role:
+                out[name] = tensor[q_rows.to(tensor.device)]
+            elif role in kv_roles and kv_rows is not None:
+                out[name] = tensor[kv_rows.to(tensor.device)]
+        return out
+
+    def method_problem(self, method):
+        """Why this family refuses width method `method`, or None."""
+        if self.methods is None or method in self.methods:
+            return None
+        return (f"the {self.name} family does not support --method {method}: {self.refused_why}; "
+                f"supported: {', '.join(self.methods)}")
+
     def shape(self, config):
         return BlockShape.from_config(config)
 
@@ -79,7 +119,7 @@ class ArchSpec:
             raise StreamResizeError(f"{where}: linear biases are not supported yet")
         if config.get("pretraining_tp", 1) not in (None, 1):
             raise StreamResizeError(f"{where}: pretraining_tp > 1 is not supported")
-        known = {f"{role}.weight" for role in self.block_roles}
+        known = {f"{role}.weight" for role in self.block_roles} | set(self.extra_tensors)
         for name in sorted(tensor_names):
             for i in range(config["num_hidden_layers"]):
                 prefix = self.block.format(i=i)
@@ -87,3 +127,6 @@ class ArchSpec:
                     raise StreamResizeError(
                         f"{where}: the checkpoint holds '{name}', which a {self.name} block does not have "
                         "(a bias or an extra tensor); streamresize would drop it, so it refuses this model")
+
+    def __post_init__(self):
+        assert set(self.biases) <= set(self.attn_readers), "only the attention readers' biases are carried"

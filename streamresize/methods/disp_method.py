@@ -99,7 +99,9 @@ class DispMethod(WidthMethod):
     def _dense_weights(self, i):
         f = self.run.family
         roles = (f.attn_norm, f.mlp_norm, *f.attn_readers, f.attn_writer, *f.mlp_readers, f.mlp_writer)
-        return {role: self.run.block_weight(i, role) for role in roles}
+        # plus reader biases and per-head norms: index sets select a reader's input columns, which its
+        # bias does not see; they are written with the layer's parameters
+        return {**{role: self.run.block_weight(i, role) for role in roles}, **self.run.block_extras(i)}
 
     def _read(self, view, rows):
         return self.run.cache.read(view, rows, self.run.device)

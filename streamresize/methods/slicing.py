@@ -288,12 +288,16 @@ class SlicingMethod(WidthMethod):
         attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
         readers = {r: rotate_reader(fold_norm(run.block_weight(i, r), attn_norm), reader_in) for r in f.attn_readers}
         w_o, w_down = run.block_weight(i, f.attn_writer), run.block_weight(i, f.mlp_writer)
+        # Reader biases and per-head norms: no transform of the residual touches them (a reader's bias
+        # does not see its input side); head removal selects the biases' rows.
+        extras = run.block_extras(i)
         heads_point = None
         if self.heads_kept != self.heads_source:
             progress.set_postfix_str(f"block {i}: choosing heads")
-            readers, w_o, heads_point = self._narrow_heads(i, k_in, readers, w_o, source)
-        layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, f.mlp_writer: w_down, **readers})
+            readers, w_o, heads_point, extras = self._narrow_heads(i, k_in, readers, w_o, source, extras)
+        layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, f.mlp_writer: w_down, **readers, **extras})
         readers = run.as_output(readers)  # the layer holds its own copies; keep only what is written
+        extras = run.as_output(extras)
 
         # Pass A: attention, signals at the post-attention point (full width) -> scratch.
         progress.set_postfix_str(f"block {i}: calibrating attention")
@@ -348,6 +352,7 @@ class SlicingMethod(WidthMethod):
         del layer  # its weights are copies; free them before the float64 writers are made
         prefix = f"model.layers.{i}."
         tensors = {prefix + r + ".weight": w for r, w in {**readers, **mlp_readers}.items()}
+        tensors.update({prefix + name: w for name, w in extras.items()})
         tensors[prefix + "self_attn.o_proj.weight"] = rotate_writer(w_o, basis_attn)
         tensors[prefix + "mlp.down_proj.weight"] = rotate_writer(w_down, basis_out)
         for name, matrix in (("attn_shortcut", shortcut(basis_in, basis_attn)),
@@ -408,7 +413,7 @@ class SlicingMethod(WidthMethod):
         weights = {r: fold_norm(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
         weights.update({r: fold_norm(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
         weights.update({w: run.block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
-        return self._calibration_layer(i, run.hidden, weights), weights[f.mlp_writer]
+        return self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}), weights[f.mlp_writer]
 
     def _measure_mlp_curves(self, progress, multiple):
         """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), on
@@ -481,7 +486,7 @@ class SlicingMethod(WidthMethod):
             weights = {r: fold_norm(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
             weights.update({r: fold_norm(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
             weights.update({w: run.block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
-            layer = self._calibration_layer(i, d, weights)
+            layer = self._calibration_layer(i, d, {**weights, **run.block_extras(i)})
             source, target = views[i % 2], views[(i + 1) % 2]
             attn_stats, mlp_stats = Moments(d, run.device), Moments(d, run.device)
             with torch.no_grad():
@@ -503,12 +508,13 @@ class SlicingMethod(WidthMethod):
                  2 * run.num_layers + 1)
         return basis
 
-    def _narrow_heads(self, i, k_in, readers, w_o, source):
+    def _narrow_heads(self, i, k_in, readers, w_o, source, extras):
         """One pass of the block's dense attention for the moments of o_proj's input, then keep the heads
-        whose removal (o_proj refitted on the rest) costs the attention output least."""
+        whose removal (o_proj refitted on the rest) costs the attention output least. `extras` (reader
+        biases, per-head norms) are returned with the kept heads' rows."""
         run, f = self.run, self.run.family
         layout, kept = self.heads_source, self.heads_kept
-        layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, **readers}, heads=layout)
+        layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, **readers, **extras}, heads=layout)
         width = layout.heads * layout.head_dim
         stats = Moments(width, run.device)
         hook = layer.self_attn.o_proj.register_forward_pre_hook(lambda module, args: stats.add(args[0]))
@@ -526,12 +532,15 @@ class SlicingMethod(WidthMethod):
         q_role, k_role, v_role = f.attn_readers
         readers = dict(readers)
         readers[q_role] = readers[q_role][layout.rows(heads).to(run.device)]
+        kv_rows = None
         if kv != list(range(layout.kv_heads)):
+            kv_rows = layout.rows(kv)
             for role in (k_role, v_role):
-                readers[role] = readers[role][layout.rows(kv).to(run.device)]
+                readers[role] = readers[role][kv_rows.to(run.device)]
+        extras = f.select_head_rows(extras, layout.rows(heads), kv_rows)
         log.info("block %d: attention heads %d of %d (kept %s), o_proj output error %.4f (pruning alone %.4f)",
                  i, info["heads"], layout.heads, info["kept"], info["local_error"], info["prune_error"])
-        return readers, w_o.float(), info
+        return readers, w_o.float(), info, extras
 
     def _narrow_mlp(self, i, layer, scratch, basis_attn_f, mlp_readers, w_down):
         """One pass for the intermediate activations on the narrowed prefix, then keep k of d_ff neurons."""

@@ -39,6 +39,10 @@ FAMILY_MODULES = {
               "LlamaRMSNorm"),
     "mistral": ("transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralMLP",
                 "MistralRotaryEmbedding", "MistralRMSNorm"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention", "Qwen2MLP", "Qwen2RotaryEmbedding",
+              "Qwen2RMSNorm"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3Attention", "Qwen3MLP", "Qwen3RotaryEmbedding",
+              "Qwen3RMSNorm"),
 }
 DISP_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")  # the paper's I1 .. I5
 
@@ -87,7 +91,14 @@ class StreamResizeConfig(LlamaConfig):
     head_adapter: bool = False
     disp_widths: list | None = None  # per block, sizes of the index sets I1..I5 (DISP_GROUPS)
     sliding_window: int | None = None
+    linear_biases: list | None = None  # block linears with a bias the family has but its config does not declare
     streamresize: dict | None = None
+
+    def has_bias(self, role):
+        """Whether block linear `role` (e.g. "self_attn.q_proj") has a bias."""
+        if role.startswith("self_attn.") and self.attention_bias or role.startswith("mlp.") and self.mlp_bias:
+            return True
+        return role in (self.linear_biases or ())
 
     def width(self, point):
         return self.residual_widths[point] if self.residual_widths else self.hidden_size
@@ -146,18 +157,18 @@ class StreamResizeDecoderLayer(nn.Module):
         k_in, k_attn, k_mlp = (config.width(2 * layer_idx + p) for p in range(3))
         d_ff = config.intermediate(layer_idx)
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        bias = config.attention_bias
+        bias = config.has_bias
 
         self.self_attn = attention_cls(config, layer_idx)
-        self.self_attn.q_proj = _linear(k_in, heads * head_dim, bias)
-        self.self_attn.k_proj = _linear(k_in, kv_heads * head_dim, bias)
-        self.self_attn.v_proj = _linear(k_in, kv_heads * head_dim, bias)
-        self.self_attn.o_proj = _linear(heads * head_dim, k_attn, bias)
+        self.self_attn.q_proj = _linear(k_in, heads * head_dim, bias("self_attn.q_proj"))
+        self.self_attn.k_proj = _linear(k_in, kv_heads * head_dim, bias("self_attn.k_proj"))
+        self.self_attn.v_proj = _linear(k_in, kv_heads * head_dim, bias("self_attn.v_proj"))
+        self.self_attn.o_proj = _linear(heads * head_dim, k_attn, bias("self_attn.o_proj"))
 
         self.mlp = mlp_cls(config)
-        self.mlp.gate_proj = _linear(k_attn, d_ff, config.mlp_bias)
-        self.mlp.up_proj = _linear(k_attn, d_ff, config.mlp_bias)
-        self.mlp.down_proj = _linear(d_ff, k_mlp, config.mlp_bias)
+        self.mlp.gate_proj = _linear(k_attn, d_ff, bias("mlp.gate_proj"))
+        self.mlp.up_proj = _linear(k_attn, d_ff, bias("mlp.up_proj"))
+        self.mlp.down_proj = _linear(d_ff, k_mlp, bias("mlp.down_proj"))
 
         self.input_layernorm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
@@ -189,17 +200,17 @@ class DispDecoderLayer(nn.Module):
         attention_cls, mlp_cls, _, norm_cls = family_classes(config.base_model_type)
         n_attn_in, n_attn_out, n_mlp_in, n_hidden, n_mlp_out = config.disp_widths[layer_idx]
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        bias = config.attention_bias
+        bias = config.has_bias
 
         self.self_attn = attention_cls(config, layer_idx)
-        self.self_attn.q_proj = _linear(n_attn_in, heads * head_dim, bias)
-        self.self_attn.k_proj = _linear(n_attn_in, kv_heads * head_dim, bias)
-        self.self_attn.v_proj = _linear(n_attn_in, kv_heads * head_dim, bias)
-        self.self_attn.o_proj = _linear(heads * head_dim, n_attn_out, bias)
+        self.self_attn.q_proj = _linear(n_attn_in, heads * head_dim, bias("self_attn.q_proj"))
+        self.self_attn.k_proj = _linear(n_attn_in, kv_heads * head_dim, bias("self_attn.k_proj"))
+        self.self_attn.v_proj = _linear(n_attn_in, kv_heads * head_dim, bias("self_attn.v_proj"))
+        self.self_attn.o_proj = _linear(heads * head_dim, n_attn_out, bias("self_attn.o_proj"))
         self.mlp = mlp_cls(config)
-        self.mlp.gate_proj = _linear(n_mlp_in, n_hidden, config.mlp_bias)
-        self.mlp.up_proj = _linear(n_mlp_in, n_hidden, config.mlp_bias)
-        self.mlp.down_proj = _linear(n_hidden, n_mlp_out, config.mlp_bias)
+        self.mlp.gate_proj = _linear(n_mlp_in, n_hidden, bias("mlp.gate_proj"))
+        self.mlp.up_proj = _linear(n_mlp_in, n_hidden, bias("mlp.up_proj"))
+        self.mlp.down_proj = _linear(n_hidden, n_mlp_out, bias("mlp.down_proj"))
         self.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
         for name, size in (("attn_in", n_attn_in), ("attn_out", n_attn_out), ("mlp_in", n_mlp_in),
