@@ -84,6 +84,9 @@ def _plan_parser(sub):
     p.add_argument("model_dir")
     p.add_argument("out_dir", nargs="?", help="where the output would go (default: MODEL_DIR's name + "
                                               "'-streamresize' in the current directory)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="plan one process of a data-parallel run of this many processes on one node (torchrun "
+                        "--nproc_per_node N): its share of the calibration sequences and of the default RAM")
     _run_options(p)
 
 
@@ -289,8 +292,15 @@ def run_plan(args):
     from .plan import check_disk, format_plan, make_plan
 
     recipe, memory = _recipe_and_memory(args)
+    if args.world_size < 1:
+        raise StreamResizeError(f"--world-size {args.world_size}: must be at least 1")
+    dist = None
+    if args.world_size > 1:
+        from .distributed import Dist
+
+        dist = Dist(0, args.world_size, 0, args.world_size)  # planned, not joined: no process group
     out_dir = args.out_dir or os.path.join(os.getcwd(), os.path.basename(os.path.abspath(args.model_dir)) + "-streamresize")
-    compressor = Run(args.model_dir, out_dir, recipe, work_dir=args.work_dir, memory=memory)
+    compressor = Run(args.model_dir, out_dir, recipe, work_dir=args.work_dir, memory=memory, dist=dist)
     plan = make_plan(compressor, measure=True)
     print(format_plan(plan, compressor), flush=True)
     check_disk(plan)
@@ -438,7 +448,11 @@ def main(argv=None):
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="on an error, show the traceback instead of the one-line message")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None  # a process of torchrun
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s " + (f"[rank {rank}] " if rank is not None else "") + "%(levelname)s %(message)s")
+    if rank not in (None, "0") and args.command == "compress":
+        log.setLevel(logging.WARNING)  # rank 0 tells the story; the others only warnings and errors
     try:
         result = COMMANDS[args.command](args)
     except StreamResizeError as e:

@@ -12,14 +12,18 @@ MANIFEST = "manifest.json"
 class Manifest:
     """Replaced atomically after every finished step; a crash loses at most the step in flight."""
 
-    def __init__(self, work_dir, signature):
+    def __init__(self, work_dir, signature, world_size=1):
         self.path = os.path.join(work_dir, MANIFEST)
         self.state = {"signature": signature, "next_block": -1, "current_cache": None,
                       "shards": {}, "weight_map": {}, "log": []}
+        if world_size != 1:  # processes of a data-parallel run; a single process's manifest stays as it was
+            self.state["world_size"] = world_size
 
     @classmethod
-    def open(cls, work_dir, signature, restart):
-        manifest = cls(work_dir, signature)
+    def open(cls, work_dir, signature, restart, world_size=1):
+        """The saved state of this run, or a new one. A run saved with another number of processes is
+        refused: each process's activation cache holds its own share of the sequences."""
+        manifest = cls(work_dir, signature, world_size)
         if os.path.exists(manifest.path) and not restart:
             try:
                 with open(manifest.path) as f:
@@ -31,6 +35,13 @@ class Manifest:
                 raise StreamResizeError(
                     f"{manifest.path}: the work dir belongs to a different run (changed: {', '.join(changed)}); "
                     "rerun with --restart to start over, or choose another --work-dir")
+            saved = state.get("world_size", 1)
+            if saved != world_size:
+                raise StreamResizeError(
+                    f"{manifest.path}: this run was started with {saved} process(es) (WORLD_SIZE {saved}) and is "
+                    f"now resumed with {world_size}; each process's activation cache holds its own share of the "
+                    f"calibration sequences, so resume with {saved} process(es), or rerun with --restart to "
+                    "start over")
             manifest.state = state
         return manifest
 

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -21,11 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .arch import spec_for
 from .cache import ActivationCache
 from .calibration import calibration_ids
 from .checkpoint import CheckpointReader, parameter_count
 from .commit import BackgroundCommit
+from .distributed import fingerprint, rank_dir_name, read_progress, signature_digest, write_progress
 from .errors import StreamResizeError
 from .formats import FORMATS, export, write_bundled_card
 from .manifest import MANIFEST, Manifest
@@ -36,7 +39,7 @@ from .placement import MemoryOptions
 from .plan import check_disk, make_plan
 from .precision import exact_float32_matmuls, resolve_compute_dtype
 from .prefetch import Prefetcher
-from .runtime import crash_point, peak_memory_mb, resolve_device, set_step  # noqa: F401  (resolve_device: for the CLI)
+from .runtime import crash_point, peak_memory_mb, resolve_device, set_step, stop_requested  # noqa: F401  (resolve_device: for the CLI)
 from .version import __version__
 from .workspace import BUNDLED_DIR, DirectoryLock, WorkDir, check_layout
 from .writer import RUN_LOG, OutputDir, ShardWriter, atomic_write_json, count_non_finite
@@ -55,10 +58,17 @@ class Run:
     """One compression: the source checkpoint, the directories, the method, and the streaming state."""
 
     def __init__(self, model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False,
-                 save_format="auto"):
+                 save_format="auto", dist=None):
         self.model_dir = os.path.abspath(model_dir)
         self.out_dir = os.path.abspath(out_dir)
-        self.work_dir = os.path.abspath(work_dir or default_work_dir(out_dir))
+        self.work_dir = self.work_root = os.path.abspath(work_dir or default_work_dir(out_dir))
+        # A data-parallel run (distributed.Dist, from torchrun's environment): this process's rank owns a
+        # share of the calibration sequences; None in a single process. Rank 0 keeps its files where a
+        # single process does; rank r its cache and resume files in WORK/rank-0000r.
+        self.dist = dist
+        self.is_writer = dist is None or dist.is_writer
+        if dist is not None and dist.rank > 0:
+            self.work_dir = os.path.join(self.work_root, rank_dir_name(dist.rank))
         self.recipe = recipe
         self.restart = restart
         self.overwrite = overwrite
@@ -66,8 +76,9 @@ class Run:
             raise StreamResizeError(f"--save-format {save_format}: choose from {', '.join(FORMATS)}")
         self.save_format = save_format
         self.memory = memory or MemoryOptions()  # budgets, cache location, prefetch: not in the recipe
-        self.all_reduce = None  # in-place sum across processes; None in a single process
-        check_layout(self.model_dir, self.out_dir, self.work_dir)
+        self.all_reduce = dist.all_reduce if dist is not None and dist.initialized else None  # in-place sum
+        self._agreed_stop = None  # a data-parallel run: the stop request every rank agreed on at the last step
+        check_layout(self.model_dir, self.out_dir, self.work_root)
         self.reader = CheckpointReader(self.model_dir)
         config_path = os.path.join(self.model_dir, "config.json")
         self.family = spec_for(self.reader.config, config_path)
@@ -83,6 +94,11 @@ class Run:
         self.source_config.setdefault("head_dim", self.hidden // c["num_attention_heads"])
         self.shape = self.family.shape(self.source_config)
         self.device = resolve_device(recipe.device)
+        if dist is not None:
+            self.device = dist.device(self.device)  # cuda:LOCAL_RANK
+            if recipe.allocation == "learned":
+                raise StreamResizeError("--allocation learned trains on the whole model in one process; it cannot "
+                                        "run under torchrun (use --allocation global, or a single process)")
         self.compute_dtype = resolve_compute_dtype(recipe.compute_dtype, self.device)
         self.out_dtype = self.reader.dtype if recipe.dtype == "auto" else DTYPES[recipe.dtype]
         self.method = registry.build(recipe.method, self)
@@ -102,13 +118,67 @@ class Run:
 
     def _claim(self):
         """`_claim_output`, then where the shards go: straight into the output for the bundled format,
-        else into a bundled copy in the work dir that `formats.export` writes out at the end."""
+        else into a bundled copy in the work dir that `formats.export` writes out at the end. In a
+        data-parallel run rank 0 claims the output and the work dir first, then every other rank its
+        own folder in it."""
+        if self.dist is not None:
+            return self._claim_distributed()
         done = self._claim_output()
         self.publish_dir = self.out_dir
         if done is None and self.save_format != "bundled":
             self.out_dir = self.work_path(BUNDLED_DIR)
             os.makedirs(self.out_dir, exist_ok=True)
         return done
+
+    def _claim_distributed(self):
+        dist = self.dist
+        done = None
+        with dist.guard("claiming the output and the work dir"):
+            if dist.is_writer:
+                done = self._claim_output()
+                self.publish_dir = self.out_dir
+                if done is None and self.save_format != "bundled":
+                    self.out_dir = self.work_path(BUNDLED_DIR)
+                    os.makedirs(self.out_dir, exist_ok=True)
+        done = dist.broadcast(done)
+        if done is not None:
+            return done
+        with dist.guard("claiming its work dir"):
+            if not dist.is_writer:
+                self._claim_rank()
+        with dist.guard("reading the calibration text"):
+            dist.agree("the calibration token ids", int(self.ids_sha256[:15], 16))
+        return None
+
+    def _claim_rank(self):
+        """Rank r > 0: its own folder in the work dir (node-local scratch, or beside rank 0's files), the
+        same calibration ids as rank 0 (tokenized here too), the same signature."""
+        if not self.recipe.dataset:
+            raise StreamResizeError("no calibration text: pass --dataset FILE (.txt or .jsonl) or --dataset random")
+        self.final_out_dir = self.publish_dir = self.out_dir
+        self.plan = make_plan(self)
+        check_disk(self.plan)
+        self.workspace = WorkDir(self.work_dir, self.out_dir).claim()
+        self._read_calibration()
+        if self.restart:
+            self.workspace.clear()
+
+    def _read_calibration(self):
+        r = self.recipe
+        ids = calibration_ids(self.model_dir, r.dataset, r.num_calibration_samples, r.max_seq_length, r.seed)
+        self.all_ids = ids
+        self.ids_sha256 = hashlib.sha256(ids.tobytes()).hexdigest()
+        if self.dist is not None:  # this rank's fixed share of the sequences
+            start, end = self.dist.rows(ids.shape[0])
+            ids = ids[start:end]
+        self.ids = ids  # what the methods calibrate on: this process's sequences
+        self.signature = {
+            "model": self.reader.signature(),
+            "calibration_ids": self.ids_sha256,
+            "recipe": r.digest(),
+            "version": __version__,
+            "save_format": self.save_format,
+        }
 
     def _claim_output(self):
         """Lock the output and the work dir, then decide where this run writes: a new or resumable
@@ -128,17 +198,7 @@ class Run:
             raise StreamResizeError(f"{self.out_dir}: cannot create the output directory ({e.strerror})") from e
         self.out_lock = DirectoryLock(self.out_dir, "output directory").acquire()
         self.workspace = WorkDir(self.work_dir, self.out_dir).claim()
-        r = self.recipe
-        ids = calibration_ids(self.model_dir, r.dataset, r.num_calibration_samples, r.max_seq_length, r.seed)
-        self.ids = ids
-        self.ids_sha256 = hashlib.sha256(ids.tobytes()).hexdigest()
-        self.signature = {
-            "model": self.reader.signature(),
-            "calibration_ids": self.ids_sha256,
-            "recipe": r.digest(),
-            "version": __version__,
-            "save_format": self.save_format,
-        }
+        self._read_calibration()
         if self.restart:
             self.workspace.clear()
         resumable = os.path.exists(os.path.join(self.work_dir, MANIFEST))
@@ -167,8 +227,11 @@ class Run:
         return None
 
     def _prepare(self):
-        np.save(os.path.join(self.work_dir, "calibration_ids.npy"), self.ids)
-        self.manifest = Manifest.open(self.work_dir, self.signature, self.restart)
+        if self.dist is None:
+            np.save(os.path.join(self.work_dir, "calibration_ids.npy"), self.ids)
+            self.manifest = Manifest.open(self.work_dir, self.signature, self.restart)
+        else:
+            self._open_manifest_distributed()
         placement = self.plan.placement
         log.info("placement: micro-batch %d sequences, activation cache on %s, prefetch %s, compute %s",
                  placement.batch_size, placement.cache, placement.prefetch,
@@ -183,6 +246,22 @@ class Run:
                                      pin=self.device.type == "cuda", enabled=placement.prefetch != "off")
         if self.device.type == "cuda":
             exact_float32_matmuls()
+        if self.dist is not None:
+            with self.dist.guard("checking the output's shards"):
+                self._open_writer()
+        else:
+            self._open_writer()
+        from .modeling.modeling_streamresize import StreamResizeConfig
+
+        self.block_config = StreamResizeConfig(**self.model_config_fields())
+        self.block_config._attn_implementation = "sdpa"
+        rotary_cls = family_classes(self.family.name)[2]
+        self.rotary = rotary_cls(config=self.block_config).to(self.device)
+
+    def _open_writer(self):
+        self.writer = None
+        if not self.is_writer:
+            return
         self.writer = ShardWriter(self.out_dir, self.out_dtype)
         self.writer.clear_completion_marker()
         self.writer.remove_temp_files()
@@ -191,12 +270,34 @@ class Run:
                 raise StreamResizeError(
                     f"{os.path.join(self.out_dir, name)}: changed or missing since this run wrote it; "
                     "rerun with --restart")
-        from .modeling.modeling_streamresize import StreamResizeConfig
 
-        self.block_config = StreamResizeConfig(**self.model_config_fields())
-        self.block_config._attn_implementation = "sdpa"
-        rotary_cls = family_classes(self.family.name)[2]
-        self.rotary = rotary_cls(config=self.block_config).to(self.device)
+    def _open_manifest_distributed(self):
+        """Rank 0 opens the manifest (refusing another world size) and hands its state to every rank;
+        each rank then checks that its own folder holds the cache of the manifest's step."""
+        dist = self.dist
+        with dist.guard("opening the manifest"):
+            if dist.is_writer:
+                np.save(os.path.join(self.work_dir, "calibration_ids.npy"), self.all_ids)
+                self.manifest = Manifest.open(self.work_dir, self.signature, self.restart, dist.world)
+        state = dist.broadcast(self.manifest.state if dist.is_writer else None)
+        if not dist.is_writer:
+            self.manifest = Manifest(self.work_dir, self.signature, dist.world)
+            self.manifest.state = state  # kept in memory only: rank 0's file is the commit point
+        self._signature_digest = signature_digest(self.signature)
+        with dist.guard("checking its saved state"):
+            first = self.manifest.next_block
+            progress = read_progress(self.work_dir)
+            if first > -1:
+                ok = (progress is not None and progress.get("signature") == self._signature_digest
+                      and progress.get("world_size") == dist.world and progress.get("rank") == dist.rank
+                      and progress.get("next_block") in (first, first + 1))
+                if not ok:
+                    held = ("nothing" if progress is None else f"the state of step {progress.get('next_block')} "
+                            f"of rank {progress.get('rank')} of {progress.get('world_size')}")
+                    raise StreamResizeError(
+                        f"{self.work_dir}: rank {dist.rank} needs its saved activation cache for block {first}, "
+                        f"but its work dir holds {held} (node-local scratch on another node, or removed?); run "
+                        "each rank on the node that holds its work dir, or rerun with --restart to start over")
 
     def model_config_fields(self, **fields):
         """The source's config without what an output never inherits, plus `fields`."""
@@ -288,6 +389,9 @@ class Run:
     def commit_step(self, step, next_cache, next_width, shard_name, tensors, entry, save=None, obsolete=()):
         """Write the shard, then the method's resume files (`save()`), then the manifest (the commit
         point, in the background while the next block computes), then delete `obsolete` work files."""
+        if self.dist is not None:
+            return self._commit_step_distributed(step, next_cache, next_width, shard_name, tensors, entry, save,
+                                                 obsolete)
         sha = self.writer.write_shard(shard_name, tensors)
         if save is not None:
             save()
@@ -310,6 +414,43 @@ class Run:
                     os.remove(path)
 
         self.committer.start(commit)
+
+    def _commit_step_distributed(self, step, next_cache, next_width, shard_name, tensors, entry, save, obsolete):
+        """`commit_step` of a data-parallel run, in two collectives (see distributed.py): (B) every rank's
+        cache and progress marker for the next step are durable, the step's tensors are the same on every
+        rank, and a stop request on any rank is shared; rank 0 then saves the manifest; (D) it is durable,
+        and only now may any rank overwrite this step's inputs (the next step's output file) or remove
+        `obsolete` files. Synchronous: the cache is persisted before the next step starts."""
+        dist = self.dist
+        digest = fingerprint(tensors)
+        sha = self.writer.write_shard(shard_name, tensors) if self.is_writer else None
+        if save is not None:
+            save()  # every rank: its own copy of the method's resume files
+        crash_point(step, "committing")
+        self.committer.join()
+        self.cache.persist_later(next_cache, next_width)()
+        write_progress(self.work_dir, {"next_block": step + 1, "cache": next_cache, "rank": dist.rank,
+                                       "world_size": dist.world, "signature": self._signature_digest})
+        crash_point(step, "persisted")
+        signal_number = getattr(signal, stop_requested() or "", 0) if stop_requested() else 0
+        stop = dist.agree(f"the tensors of step {step}", digest, int(signal_number))
+        self._agreed_stop = signal.Signals(stop).name if stop else None
+        now = time.time()
+        seconds, nbytes, calls = dist.take_counters()
+        entry.update(self.monitor.step_peaks(), step_seconds=now - self._step_started,
+                     read_wait_seconds=self.prefetcher.take_wait_seconds(),
+                     commit_wait_seconds=self.committer.take_wait_seconds(),
+                     collective_seconds=seconds, reduced_bytes=nbytes, collectives=calls)
+        self._step_started = now
+        self.manifest.update(step + 1, next_cache, {shard_name: sha} if sha else {},
+                             {k: shard_name for k in tensors}, entry)
+        if self.is_writer:
+            self.manifest.save(self.manifest.serialize())
+        crash_point(step, "manifest")
+        dist.barrier()
+        for path in obsolete:
+            if os.path.exists(path):
+                os.remove(path)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -347,10 +488,17 @@ class Run:
         from .runtime import Preempted, stop_requested
 
         def stop_if_requested(step):
-            """A signal asked the run to stop: let the commit in flight land, then stop, resumable."""
-            name = stop_requested()
+            """A signal asked the run to stop: let the commit in flight land, then stop, resumable. In a
+            data-parallel run, every rank stops at the boundary where any rank's request was shared."""
+            name = stop_requested() if self.dist is None else self._agreed_stop
             if name is not None:
                 self.committer.join()
+                if self.dist is not None:
+                    own = stop_requested()
+                    progress = read_progress(self.work_dir) or {}
+                    write_progress(self.work_dir, {**progress, "stopped_by": own or f"{name} on another rank"})
+                    if own is None:
+                        name = f"{name} (on another rank)"
                 message = f"stopped by {name} after {step}; rerun the same command to resume"
                 log.warning("%s", message)
                 raise Preempted(message, name)
@@ -364,7 +512,7 @@ class Run:
         if first > -1:
             log.info("resuming at block %d of %d from %s", first, self.num_layers, self.work_dir)
         progress = tqdm(total=self.num_layers + 1, initial=first + 1, desc="compressing", unit="step",
-                        disable=not sys.stderr.isatty(), file=sys.stderr)
+                        disable=not sys.stderr.isatty() or not self.is_writer, file=sys.stderr)
         with progress:
             self.prefetcher.schedule(max(first, 0))
             set_step("prepare")
@@ -383,13 +531,43 @@ class Run:
             set_step("head")
             crash_point("head", "start")
             head = self.method.head()
+            if self.dist is not None:
+                self.dist.agree("the head's tensors", fingerprint(head))
+                return self._finish_distributed(head, start)
             sha = self.writer.write_shard("model-head.safetensors", head)
+        return self._publish(head, sha, start)
+
+    def _finish_distributed(self, head, start):
+        """Rank 0 writes the config, card and index and publishes the output while the others wait; then
+        every other rank removes its folder, and rank 0 the work dir."""
+        dist = self.dist
+        summary = None
+        with dist.guard("writing the output"):
+            if self.is_writer:
+                sha = self.writer.write_shard("model-head.safetensors", head)
+                summary = self._publish(head, sha, start, cleanup=False)
+        summary = dist.broadcast(summary)
+        self.reader.close()
+        set_step("cleanup")
+        if not self.is_writer:
+            self.workspace.remove()
+            try:
+                os.rmdir(self.work_root)  # node-local scratch of this rank only: leave nothing behind
+            except OSError:
+                pass
+        dist.barrier()
+        if self.is_writer:
+            self.workspace.remove()
+        return summary
+
+    def _publish(self, head, sha, start, cleanup=True):
         weight_map = dict(self.manifest.state["weight_map"])
         weight_map.update({k: "model-head.safetensors" for k in head})
         set_step("finish")
         summary = self._finish(weight_map, {**self.manifest.state["shards"], "model-head.safetensors": sha},
                                time.time() - start)
-        self.reader.close()
+        if cleanup:
+            self.reader.close()
         if self.publish_dir != self.out_dir:
             summary["format"] = export(self.out_dir, self.publish_dir, self.save_format, link=True,
                                        name=self.final_out_dir)
@@ -401,8 +579,9 @@ class Run:
         if self.publish_dir != self.final_out_dir:
             OutputDir(self.final_out_dir).swap_in(self.publish_dir)
         self.out_dir = summary["output"] = self.final_out_dir
-        set_step("cleanup")
-        self.workspace.remove()
+        if cleanup:
+            set_step("cleanup")
+            self.workspace.remove()
         return summary
 
     def _finish(self, weight_map, shards, seconds):
@@ -440,5 +619,15 @@ class Run:
 
 
 def compress(model_dir, out_dir, recipe, work_dir=None, restart=False, memory=None, overwrite=False,
-             save_format="auto"):
-    return Run(model_dir, out_dir, recipe, work_dir, restart, memory, overwrite, save_format).run()
+             save_format="auto", dist="env"):
+    """One compression. Under torchrun / accelerate launch (WORLD_SIZE set) this process is one rank of a
+    data-parallel run (`distributed.py`); `dist=None` forces a single process."""
+    if dist == "env":
+        dist = distributed.from_env()
+    try:
+        if dist is not None:
+            dist.init(dist.device(resolve_device(recipe.device)))
+        return Run(model_dir, out_dir, recipe, work_dir, restart, memory, overwrite, save_format, dist).run()
+    finally:
+        if dist is not None:
+            dist.close()

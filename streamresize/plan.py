@@ -82,10 +82,15 @@ def make_plan(compressor, measure=False):
     config = c.source_config
     d, ff = c.hidden, config["intermediate_size"]
     n, seq = r.num_calibration_samples, r.max_seq_length
+    dist = getattr(c, "dist", None)
+    if dist is not None:  # a data-parallel run: this process holds and computes its share of the sequences
+        n = dist.max_rows(n)
     narrow_mlp = any(k < ff for k in m.intermediate_sizes)
     fp = footprint(config, max(m.widths), c.reader.dtype.itemsize, c.compute_dtype.itemsize, c.out_dtype.itemsize,
                    n, seq, narrow_mlp, m.cache_files)
     gpu, cpu = c.memory.budgets(c.device)
+    if dist is not None and c.memory.max_cpu_memory is None and dist.local_world > 1:
+        cpu //= dist.local_world  # the default share of RAM is split between the processes of a node
     placement = place(fp, c.device.type, gpu, cpu, r.batch_size, c.memory.cache_location, c.memory.prefetch)
     steps = [_embedding(c, m, n * seq)] + [_block(c, m, i, n * seq) for i in range(c.num_layers)] + [_head(c, m)]
     output = sum(s.output_bytes + SAFETENSORS_OVERHEAD for s in steps)
@@ -97,7 +102,7 @@ def make_plan(compressor, measure=False):
                 compute_dtype=str(c.compute_dtype).replace("torch.", ""), budgets={"gpu": gpu, "cpu": cpu},
                 placement=placement, footprint=fp, micro_batch_bytes=placement.batch_size * fp.per_sequence,
                 cache_bytes=fp.cache, steps=steps, output_bytes=output, work_bytes=work,
-                disk=_disk_needs(c.out_dir, output, c.work_dir, work))
+                disk=_disk_needs(c.out_dir, output if getattr(c, "is_writer", True) else 0, c.work_dir, work))
     if measure and (c.device.type != "cuda" or torch.cuda.is_available()):
         plan.throughput = measure_throughput(c.device, c.compute_dtype, eigh_size=min(d, 1024))
         for step in steps:

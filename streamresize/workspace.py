@@ -26,7 +26,8 @@ WORK_FILES = ("manifest.json", "manifest.json.tmp", "calibration_ids.npy", "cali
               "hidden_a.f32", "hidden_b.f32", "scratch.f32", "update.f32", "*.f32.tmp", "stats-*.f64",
               "basis-*.safetensors", "basis-*.safetensors.tmp", "shared-basis.safetensors",
               "shared-basis.safetensors.tmp", "disp-curves.json", "disp-curves.json.tmp", "disp-learned.json",
-              "disp-learned.json.tmp", FALLBACK_LOCK, WORK_MARKER)
+              "disp-learned.json.tmp", "progress.json", "progress.json.tmp", FALLBACK_LOCK, WORK_MARKER)
+RANK_DIRS = "rank-[0-9][0-9][0-9][0-9][0-9]"  # the work dirs of a data-parallel run's other ranks
 
 
 def inside(path, parent):
@@ -153,6 +154,11 @@ class WorkDir:
         bundled = os.path.join(self.path, BUNDLED_DIR)
         if os.path.isdir(bundled) and os.path.exists(os.path.join(self.path, WORK_MARKER)):
             shutil.rmtree(bundled)  # named by the run, inside a folder the run claimed
+        if os.path.exists(os.path.join(self.path, WORK_MARKER)) and os.path.isdir(self.path):
+            for name in sorted(os.listdir(self.path)):  # other ranks' folders (a shared work dir), ours by marker
+                rank_dir = os.path.join(self.path, name)
+                if fnmatch.fnmatchcase(name, RANK_DIRS) and os.path.exists(os.path.join(rank_dir, WORK_MARKER)):
+                    shutil.rmtree(rank_dir)
         for name in self.own_files():
             if keep_marker and name in (WORK_MARKER, FALLBACK_LOCK):
                 continue
