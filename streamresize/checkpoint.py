@@ -170,6 +170,11 @@ class CheckpointReader:
         expected = {spec.embedding: ("vocab", "hidden"), spec.final_norm: ("hidden",)}
         if self.has(spec.head):
             expected[spec.head] = ("vocab", "hidden")
+        for name, parts in spec.fused:  # a fused tensor: its parts' rows stacked (Phi-3's qkv_proj, gate_up_proj)
+            dims[name] = (sum(dims[block[p][0]][0] for p in parts), " + ".join(dims[block[p][0]][1] for p in parts))
+            for p in parts:
+                del block[p]
+            block[name] = (name, "hidden")
         for name in spec.extra_tensors:  # reader biases (q or kv rows), per-head norms (head_dim)
             role, _, kind = name.rpartition(".")
             block[name] = (("q" if role == q else "kv") if kind == "bias" else "head_dim",)

@@ -45,7 +45,7 @@ CARD = "README.md"
 DISP_PROBLEM = "DISP-LLM index sets (every block reads its own channels) need the bundled modeling code"
 SHORTCUT_PROBLEM = "per-point bases carry skip-path matrices, which no stock architecture has"
 BUNDLED_KEYS = ("base_model_type", "residual_widths", "intermediate_sizes", "shortcuts", "head_adapter",
-                "disp_widths", "auto_map", "linear_biases")
+                "disp_widths", "auto_map", "linear_biases", "fused_linears")
 # DeciLM: the modeling files every decilm output carries (copied from this package, named in auto_map).
 DECILM_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
@@ -190,6 +190,10 @@ def _write_stock_tensors(in_dir, out_dir, config, weight_map, no_mlp=()):
             if any(name.startswith(spec.block.format(i=i)) for name in tensors):
                 for role in (spec.attn_norm,) + (() if i in no_mlp else (spec.mlp_norm,)):
                     tensors[spec.block_name(i, role) + ".weight"] = torch.full((width,), gain, dtype=dtype)
+                for fused, parts in spec.fused:  # the family's own layout: parts merged back, in order
+                    names = [spec.block_name(i, part) + ".weight" for part in parts]
+                    if all(name in tensors for name in names):
+                        tensors[spec.block_name(i, fused) + ".weight"] = torch.cat([tensors.pop(n) for n in names])
         if tensors:
             writer.write_shard(shard, tensors)
             new_map.update({name: shard for name in tensors})

@@ -305,6 +305,8 @@ class Run:
         c.update(base_model_type=self.family.name, **fields)
         if self.family.biases:  # biases the family's config does not declare: our modeling code reads them here
             c["linear_biases"] = list(self.family.biases)
+        if self.family.fused:  # fused tensors the family's modules compute from our separate parts
+            c["fused_linears"] = [[name, list(parts)] for name, parts in self.family.fused]
         return c
 
     # ---- services for the methods --------------------------------------------------------------
@@ -319,8 +321,14 @@ class Run:
         return tensor
 
     def block_weight(self, layer, role):
+        """Role `role`'s weight in block `layer`; a part of a fused tensor (the family's `fused`) is its rows."""
         self.prefetcher.schedule(layer + 1)  # the next block reads from disk while this one computes
-        return self.weight(self.family.block_name(layer, role) + ".weight")
+        stored, parts = self.family.stored_role(role)
+        weight = self.weight(self.family.block_name(layer, stored) + ".weight")
+        if parts is None:
+            return weight
+        start, end = self.family.part_rows(role, self.source_config)
+        return weight[start:end]
 
     def block_extras(self, layer):
         """Block `layer`'s tensors besides the roles' weights (reader biases, per-head norms), by their name

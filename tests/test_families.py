@@ -25,7 +25,8 @@ from streamresize.methods import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(7))
-STOCK_CLASS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+STOCK_CLASS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama3": "LlamaForCausalLM",
+               "phi3": "Phi3ForCausalLM"}
 # Llama 3.2 1B/3B details: a tied head over a large vocabulary (more rows than one by_rows block) and
 # rope of type llama3.
 LLAMA3 = dict(vocab_size=5000, tie=True, rope_parameters={
@@ -57,11 +58,13 @@ def config_of(model_dir):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
     """Tiny models by key, made on first use: qwen2, qwen3, llama3 (tied, large vocabulary, llama3 rope),
-    qwen2-mha (a KV head per query head), qwen2-bf16."""
+    qwen2-mha (a KV head per query head), qwen2-bf16, phi3 (fused tensors, a KV head per query head as in
+    Phi-3 mini, partial rotary as in Phi-4-mini)."""
     made = {}
     specs = {"qwen2": dict(architecture="qwen2"), "qwen3": dict(architecture="qwen3"),
              "llama3": dict(architecture="llama", shards=12, **LLAMA3), "qwen2-mha": dict(architecture="qwen2", num_key_value_heads=4),
-             "qwen2-bf16": dict(architecture="qwen2", dtype=torch.bfloat16, seed=5)}
+             "qwen2-bf16": dict(architecture="qwen2", dtype=torch.bfloat16, seed=5),
+             "phi3": dict(architecture="phi3", num_key_value_heads=4, partial_rotary_factor=0.75)}
 
     def get(key):
         if key not in made:
@@ -79,18 +82,18 @@ def compress(model, out, **options):
 
 
 @pytest.mark.parametrize("method", ["pca", "prune", "dotresize"])
-@pytest.mark.parametrize("key", ["qwen2", "qwen3", "llama3"])
+@pytest.mark.parametrize("key", ["qwen2", "qwen3", "llama3", "phi3"])
 def test_sparsity_zero_reproduces_the_dense_logits_in_stock_transformers(models, texts, tmp_path, key, method):
     model = models(key)
     summary = compress(model, tmp_path / "out", method=method, sparsity=0.0, dataset=texts["calib"])
     assert summary["format"] == "stock"
     logits, cls = plain_logits(tmp_path / "out", IDS, tmp_path)
-    assert cls == STOCK_CLASS[key.split("-")[0].replace("llama3", "llama")]
+    assert cls == STOCK_CLASS[key]
     assert (logits - dense_logits(model, IDS)).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("key,heads", [("qwen2", 0.5), ("qwen3", 0.5), ("llama3", 0.5), ("qwen2-mha", 0.5),
-                                       ("qwen2-bf16", 0.5), ("qwen3", 0.0)])
+                                       ("qwen2-bf16", 0.5), ("qwen3", 0.0), ("phi3", 0.5)])
 def test_mlp_and_head_reduction_is_stock_with_the_recorded_widths_and_the_bundled_logits(models, texts, tmp_path,
                                                                                           key, heads):
     model = models(key)
@@ -104,14 +107,15 @@ def test_mlp_and_head_reduction_is_stock_with_the_recorded_widths_and_the_bundle
     assert config["intermediate_size"] == 64 and "linear_biases" not in config  # 96 x 0.7 -> 64
     expected_heads = 2 if heads else 4
     assert config["num_attention_heads"] == expected_heads
-    assert config["num_key_value_heads"] == (2 if key == "qwen2-mha" and heads else source["num_key_value_heads"])
+    mha = source["num_key_value_heads"] == source["num_attention_heads"]  # whole heads go with their k and v
+    assert config["num_key_value_heads"] == (2 if mha and heads else source["num_key_value_heads"])
     record = config["streamresize"]
     assert [m["width"] for m in record["mlp"]] == [64, 64]
     if heads:
         assert [a["heads"] for a in record["attention"]] == [2, 2]
     assert stock["parameters"] < stock["source_parameters"]
     for field in ("rope_parameters", "tie_word_embeddings", "vocab_size", "layer_types", "use_sliding_window",
-                  "sliding_window", "max_window_layers"):
+                  "sliding_window", "max_window_layers", "partial_rotary_factor", "rope_scaling"):
         assert config.get(field) == source.get(field), field  # carried through unchanged
     logits, cls = plain_logits(tmp_path / "stock", IDS, tmp_path)
     assert cls == source["architectures"][0]
@@ -184,6 +188,35 @@ def test_qwen3_head_norms_are_carried_unchanged(models, texts, tmp_path, method)
     for name in norms:
         assert torch.equal(out[name], source[name]), name
     assert torch.isfinite(bundled_logits(tmp_path / "out", IDS)).all()
+
+
+@pytest.mark.parametrize("save_format", ["stock", "bundled"])
+def test_phi3_keeps_its_fused_tensors(models, texts, tmp_path, save_format):
+    """Phi-3's qkv_proj and gate_up_proj are split for the methods and merged back on write: the stock output
+    holds the fused tensors (the kept heads' q, k, v rows and the kept neurons' gate, up rows) and none of
+    the parts; the bundled one holds the parts, whose concatenation is the stock tensor."""
+    model = models("phi3")
+    options = dict(method="prune", sparsity=0.0, mlp_sparsity=0.3, attention_sparsity=0.5, dataset=texts["calib"])
+    compress(model, tmp_path / "stock", save_format="stock", **options)
+    compress(model, tmp_path / "bundled", save_format="bundled", **options)
+    stock, bundled, source = tensors(tmp_path / "stock"), tensors(tmp_path / "bundled"), tensors(model)
+    config = config_of(tmp_path / "stock")
+    parts = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight")
+    assert not [name for name in stock if name.endswith(parts)]
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert stock[p + "self_attn.qkv_proj.weight"].shape == (3 * 2 * 16, 64)  # 2 heads of 16, q + k + v
+        assert stock[p + "mlp.gate_up_proj.weight"].shape == (2 * 64, 64)
+        assert torch.equal(stock[p + "self_attn.qkv_proj.weight"], torch.cat(
+            [bundled[p + f"self_attn.{r}.weight"] for r in ("q_proj", "k_proj", "v_proj")]))
+        assert torch.equal(stock[p + "mlp.gate_up_proj.weight"],
+                           torch.cat([bundled[p + "mlp.gate_proj.weight"], bundled[p + "mlp.up_proj.weight"]]))
+        # q rows of the kept heads, read out of the source's fused tensor (norm gains folded in)
+        kept = config["streamresize"]["attention"][i]["kept"]
+        rows = torch.cat([torch.arange(h * 16, (h + 1) * 16) for h in kept])
+        gain = source[p + "input_layernorm.weight"]
+        expected_q = (source[p + "self_attn.qkv_proj.weight"][:64][rows].double() * gain.double()).float()
+        assert torch.allclose(stock[p + "self_attn.qkv_proj.weight"][:32], expected_q, atol=1e-6)
 
 
 # ---- refusals ------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def make_tokenizer(texts_path):
 
 # family (arch.FAMILIES) -> transformers config and model classes of its tiny test models
 TINY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-                "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+                "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+                "phi3": ("Phi3Config", "Phi3ForCausalLM")}
 
 
 def make_tiny_llama(path, tokenizer, dtype=torch.float32, seed=0, tie=False, layers=4, shards=3,

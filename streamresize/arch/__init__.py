@@ -5,7 +5,7 @@ import importlib
 
 from ..errors import StreamResizeError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def specs():
@@ -35,10 +35,12 @@ FORMAT_NAMES = ("stock", "decilm", "bundled")
 def support_matrix(methods):
     """The README's support matrix (family x method x output format), rendered from the adapters as a
     markdown table; `methods`: the registered method names (arch imports no method)."""
-    header = ["family", "architectures", "carried besides Llama's tensors", *methods, *FORMAT_NAMES]
+    header = ["family", "architectures", "differs from Llama's tensors", *methods, *FORMAT_NAMES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for spec in specs():
-        carried = ", ".join(f"`{name}`" for name in spec.extra_tensors) or "-"
+        carried = ", ".join([f"`{name}`" for name in spec.extra_tensors]
+                            + [f"`{name}` (fused {' + '.join(p.rsplit('.', 1)[-1] for p in parts)})"
+                               for name, parts in spec.fused]) or "-"
         cells = [spec.name, ", ".join(f"`{a}`" for a in spec.architectures), carried]
         cells += ["yes" if spec.method_problem(m) is None else f"no: {spec.refused_why}" for m in methods]
         cells += ["yes" if f in spec.formats else f"no: {spec.formats_why}" for f in FORMAT_NAMES]

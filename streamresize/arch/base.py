@@ -58,6 +58,10 @@ class ArchSpec:
     # Output formats a result of this family can be written as (when the result itself fits them).
     formats: tuple = ("stock", "decilm", "bundled")
     formats_why: str = ""
+    # Fused tensors: ((stored role, (part roles, in row order)), ...), e.g. Phi-3's qkv_proj and
+    # gate_up_proj. Methods see the parts (split on read); the output keeps the family's fused layout.
+    fused: tuple = ()
+    mlp_activation: str = "act_fn"  # the MLP module's activation attribute (mlp_hidden)
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     head: str = "lm_head.weight"
@@ -76,6 +80,42 @@ class ArchSpec:
     def block_roles(self):
         return (self.attn_norm, *self.attn_readers, self.attn_writer, self.mlp_norm, *self.mlp_readers,
                 self.mlp_writer)
+
+    @property
+    def stored_roles(self):
+        """The block's roles as the checkpoint stores them: a fused tensor in place of its parts."""
+        parts = {part for _, group in self.fused for part in group}
+        return tuple(r for r in self.block_roles if r not in parts) + tuple(name for name, _ in self.fused)
+
+    def stored_role(self, role):
+        """(the stored tensor holding `role`, its parts or None)."""
+        for name, group in self.fused:
+            if role in group:
+                return name, group
+        return role, None
+
+    def part_rows(self, role, config):
+        """The rows of part `role` in its fused tensor: q heads x head_dim, kv heads x head_dim, or the
+        MLP width, in the fused tensor's order."""
+        _, group = self.stored_role(role)
+        start = 0
+        for part in group:
+            size = self.role_rows(part, config)
+            if part == role:
+                return start, start + size
+            start += size
+        raise KeyError(role)
+
+    def role_rows(self, role, config):
+        """Output rows of a reader role in a model with this config."""
+        shape = BlockShape.from_config(config)
+        if role == self.attn_readers[0]:
+            return shape.q_out
+        if role in self.attn_readers:
+            return shape.kv_out
+        if role in self.mlp_readers:
+            return config["intermediate_size"]
+        raise KeyError(role)
 
     @property
     def extra_tensors(self):
@@ -110,7 +150,7 @@ class ArchSpec:
 
     def mlp_hidden(self, mlp, x):
         """The MLP's hidden activation, the neurons a width method selects or merges: act(gate x) * up x."""
-        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        return getattr(mlp, self.mlp_activation)(mlp.gate_proj(x)) * mlp.up_proj(x)
 
     def check(self, config, tensor_names, where):
         """Refuse what the block code would not carry: declared or stored biases, tensor parallel
@@ -119,7 +159,7 @@ class ArchSpec:
             raise StreamResizeError(f"{where}: linear biases are not supported yet")
         if config.get("pretraining_tp", 1) not in (None, 1):
             raise StreamResizeError(f"{where}: pretraining_tp > 1 is not supported")
-        known = {f"{role}.weight" for role in self.block_roles} | set(self.extra_tensors)
+        known = {f"{role}.weight" for role in self.stored_roles} | set(self.extra_tensors)
         for name in sorted(tensor_names):
             for i in range(config["num_hidden_layers"]):
                 prefix = self.block.format(i=i)

@@ -43,6 +43,8 @@ FAMILY_MODULES = {
               "Qwen2RMSNorm"),
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3Attention", "Qwen3MLP", "Qwen3RotaryEmbedding",
               "Qwen3RMSNorm"),
+    "phi3": ("transformers.models.phi3.modeling_phi3", "Phi3Attention", "Phi3MLP", "Phi3RotaryEmbedding",
+             "Phi3RMSNorm"),
 }
 DISP_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")  # the paper's I1 .. I5
 
@@ -92,6 +94,7 @@ class StreamResizeConfig(LlamaConfig):
     disp_widths: list | None = None  # per block, sizes of the index sets I1..I5 (DISP_GROUPS)
     sliding_window: int | None = None
     linear_biases: list | None = None  # block linears with a bias the family has but its config does not declare
+    fused_linears: list | None = None  # [[fused name, [part names]], ...]: what the family's modules call fused
     streamresize: dict | None = None
 
     def has_bias(self, role):
@@ -127,6 +130,24 @@ class ResidualNorm(nn.Module):
 
 def _linear(in_features, out_features, bias=False):
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+class _Stacked(nn.Module):
+    """A fused linear of the family's module (Phi-3's qkv_proj, gate_up_proj) computed from its parts,
+    which stay the block's own linears (q_proj, ...): their outputs concatenated in the fused order."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self._parts = tuple(parts)  # not registered: the parameters belong to the block's own linears
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self._parts], dim=-1)
+
+
+def _install_fused(layer, config):
+    for fused, parts in config.fused_linears or ():
+        parent, _, name = fused.rpartition(".")
+        setattr(layer.get_submodule(parent), name, _Stacked(layer.get_submodule(p) for p in parts))
 
 
 def attention_inputs(config, rotary_emb, inputs_embeds, attention_mask=None, position_ids=None, cache=None):
@@ -169,6 +190,7 @@ class StreamResizeDecoderLayer(nn.Module):
         self.mlp.gate_proj = _linear(k_attn, d_ff, bias("mlp.gate_proj"))
         self.mlp.up_proj = _linear(k_attn, d_ff, bias("mlp.up_proj"))
         self.mlp.down_proj = _linear(d_ff, k_mlp, bias("mlp.down_proj"))
+        _install_fused(self, config)
 
         self.input_layernorm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
@@ -211,6 +233,7 @@ class DispDecoderLayer(nn.Module):
         self.mlp.gate_proj = _linear(n_mlp_in, n_hidden, bias("mlp.gate_proj"))
         self.mlp.up_proj = _linear(n_mlp_in, n_hidden, bias("mlp.up_proj"))
         self.mlp.down_proj = _linear(n_hidden, n_mlp_out, bias("mlp.down_proj"))
+        _install_fused(self, config)
         self.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
         for name, size in (("attn_in", n_attn_in), ("attn_out", n_attn_out), ("mlp_in", n_mlp_in),
