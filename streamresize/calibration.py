@@ -138,10 +138,31 @@ def random_ids(model_dir, num_samples, seq_length, seed):
     return np.random.default_rng(seed).integers(0, vocab, size=(num_samples, seq_length), dtype=np.int64)
 
 
+def read_token_stream(path):
+    """A token stream saved by `tools/slurm/tokenize_calibration.py` (np.save of `token_stream`): a 1-D
+    integer array. Windows sampled from it are the ones the text it was made from gives."""
+    try:
+        stream = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StreamResizeError(f"{path}: not a .npy array of token ids ({e})") from None
+    if stream.ndim != 1 or stream.dtype.kind not in "iu" or not len(stream):
+        raise StreamResizeError(f"{path}: expected a non-empty 1-D integer array of token ids (a token stream), "
+                                f"got {stream.dtype} {list(stream.shape)}")
+    return stream.astype(np.int64)
+
+
 def calibration_ids(model_dir, paths, num_samples, seq_length, seed):
     random_seed = random_spec(paths)
     if random_seed is not False:
         return random_ids(model_dir, num_samples, seq_length, seed if random_seed is None else random_seed)
-    tokenizer = load_tokenizer(model_dir)
-    stream = token_stream(tokenizer, read_documents(paths))
+    if len(paths) == 1 and paths[0].endswith(".npy"):  # tokenized once (on a cluster: by one job, shared)
+        stream = read_token_stream(paths[0])
+        with open(os.path.join(model_dir, "config.json")) as f:
+            vocab = json.load(f).get("vocab_size")
+        if isinstance(vocab, int) and (stream.min() < 0 or stream.max() >= vocab):
+            raise StreamResizeError(f"{paths[0]}: token ids from {stream.min()} to {stream.max()}, but the model's "
+                                    f"vocabulary has {vocab}: tokenized with another model's tokenizer?")
+    else:
+        tokenizer = load_tokenizer(model_dir)
+        stream = token_stream(tokenizer, read_documents(paths))
     return sample_windows(stream, num_samples, seq_length, seed, source=", ".join(paths))

@@ -270,3 +270,25 @@ def test_plan_counts_one_rank_share(tiny_model, texts, tmp_path):
     one = json.loads(cli(*base).stdout.strip().splitlines()[-1])
     two = json.loads(cli(*base, "--world-size", "2").stdout.strip().splitlines()[-1])
     assert two["cache_bytes"] * 2 == one["cache_bytes"]
+
+
+def test_calibration_tokenized_once_gives_the_same_ids(tiny_model, texts, tmp_path):
+    """tools/slurm/tokenize_calibration.py: the token stream saved once samples the windows the text gives."""
+    import numpy as np
+    from helpers import run_script
+
+    from streamresize.calibration import calibration_ids
+    from streamresize.errors import StreamResizeError
+
+    ids_path = tmp_path / "calib-ids.npy"
+    run_script(os.path.join(REPO, "tools", "slurm", "tokenize_calibration.py"), tiny_model, texts["calib"],
+               "--out", ids_path)
+    n, seq = CALIB["num_calibration_samples"], CALIB["max_seq_length"]
+    assert np.array_equal(calibration_ids(tiny_model, [str(ids_path)], n, seq, 0),
+                          calibration_ids(tiny_model, [texts["calib"]], n, seq, 0))
+    np.save(tmp_path / "bad.npy", np.full(1000, 10**6))
+    with pytest.raises(StreamResizeError, match="vocabulary"):
+        calibration_ids(tiny_model, [str(tmp_path / "bad.npy")], n, seq, 0)
+    np.save(tmp_path / "2d.npy", np.zeros((4, 4), dtype=np.int64))
+    with pytest.raises(StreamResizeError, match="1-D integer array"):
+        calibration_ids(tiny_model, [str(tmp_path / "2d.npy")], n, seq, 0)
