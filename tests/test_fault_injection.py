@@ -47,6 +47,9 @@ VARIANTS = {
     # The output written straight into OUT_DIR (no staging copy): the index is the last atomic write there.
     "prune-bundled": {"method": "prune", "sparsity": 0.25, "save_format": "bundled"},
     "pca-disk": {"method": "pca", "sparsity": 0.25, "cache_location": "disk"},
+    # Structured OBS: heads and neurons, MLP widths from the dense model's error curves.
+    "obs-global": {"method": "dotresize", "sparsity": 0.0, "mlp_sparsity": 0.5, "attention_sparsity": 0.5,
+                   "allocation": "global", "option": ["mlp_support=obs", "mlp_reader=lstsq"]},
 }
 
 # Every method: a step's start, mid-way through a block's statistics (batch 2 of 3), before the solve,
@@ -83,6 +86,9 @@ POINTS = {
     "prune-bundled": [p for p in EVERY_METHOD if "README" not in p] + [
         "finish:renamed:model.safetensors.index.json", "finish:copied:tokenizer.json", "cleanup:unmarked"],
     "pca-disk": ["0:accumulating#2", "0:propagating", "1:start", "1:committing", "1:committed"],
+    "obs-global": ["prepare:accumulating#2", "prepare:curves#1", "prepare:tmp:mlp-curves.json",
+                   "prepare:renamed:mlp-curves.json", "-1:start", "0:accumulating#2", "0:heads", "0:narrowed",
+                   "1:heads", "1:committed", "head:start", "finish:tmp:model.safetensors.index.json"],
 }
 
 

@@ -413,7 +413,7 @@ class SlicingMethod(WidthMethod):
         weights = {r: fold_norm(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
         weights.update({r: fold_norm(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
         weights.update({w: run.block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
-        return self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}), weights[f.mlp_writer]
+        return self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}, heads=self.heads_source), weights[f.mlp_writer]
 
     def _measure_mlp_curves(self, progress, multiple):
         """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), on
@@ -606,7 +606,9 @@ class SlicingMethod(WidthMethod):
         selection = self.name == "prune" and self.reader_kind == "pinv"
         per_point = r.basis == "per-point"
         return MethodFootprint(
-            widths=list(self.widths), intermediate_sizes=list(self.intermediate_sizes), tied_head=self.tied_head,
+            # global allocation decides per-block MLP widths in prepare(): plan for the widest, the source's
+            widths=list(self.widths), intermediate_sizes=list(self.intermediate_sizes) if r.allocation != "global"
+            else [run.source_config["intermediate_size"]] * run.num_layers, tied_head=self.tied_head,
             cache_files=3, shortcuts=per_point and (not all(full) or bool(self.options.get("rotate_full_width"))),
             rotated=[not (f or selection) for f in full],
             eigh_points=[not f and per_point and (self.name == "pca" or self.options.get("support") == "pca")
