@@ -413,7 +413,8 @@ class SlicingMethod(WidthMethod):
         weights = {r: fold_norm(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
         weights.update({r: fold_norm(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
         weights.update({w: run.block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
-        return self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}, heads=self.heads_source), weights[f.mlp_writer]
+        layer = self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}, heads=self.heads_source)
+        return layer, weights[f.mlp_writer]
 
     def _measure_mlp_curves(self, progress, multiple):
         """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), on
