@@ -111,3 +111,14 @@ def test_uniform_head_and_neuron_removal_saves_stock_and_matches_bundled(tiny_mo
     logits, cls = plain_logits(tmp_path / "stock", ids, tmp_path)
     assert cls == "LlamaForCausalLM"
     assert (logits - bundled_logits(tmp_path / "bundled", ids)).abs().max().item() < 1e-4
+
+
+def test_target_size_with_global_allocation_spends_the_budget_to_one_multiple(tiny_model_tied, texts, tmp_path):
+    from streamresize.checkpoint import parameter_count
+    source = parameter_count(tiny_model_tied)
+    result = _compress(tiny_model_tied, tmp_path / "out", texts, method="dotresize", sparsity=0.0, target_size=0.8,
+                       mlp_ratio="fill", allocation="global", save_format="bundled",
+                       method_options={"mlp_support": "obs", "mlp_reader": "lstsq"})
+    sizes = read_config(tmp_path / "out")["intermediate_sizes"]
+    assert all(s % 8 == 0 for s in sizes)
+    assert result["parameters"] <= 0.8 * source < result["parameters"] + 3 * 64 * 8  # one more multiple would not fit

@@ -15,11 +15,11 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from ..budget import widths_for_target
+from ..budget import output_parameters, widths_for_target
 from ..errors import StreamResizeError
 from ..formats import SHORTCUT_PROBLEM
 from ..plan import MethodFootprint
-from ..modeling.modeling_streamresize import StreamResizeConfig, StreamResizeDecoderLayer, attention_inputs
+from ..modeling.modeling_streamresize import StreamResizeConfig, attention_inputs, decoder_layer_class, layer_type
 from ..precision import compute_in
 from ..runtime import crash_point, fault_point, peak_memory_mb
 from ..statistics import Moments, pca_error, relative_error
@@ -99,12 +99,18 @@ class SlicingMethod(WidthMethod):
         if head not in ("tied", "untied"):
             raise StreamResizeError(f"--head {r.head}: choose auto, tied or untied")
         self.tied_head = head == "tied" and source_tied
+        # A tied head reads the last point through a k x k adapter, which holds the final norm's gain; where
+        # norms keep their weights (the residual whole, in its own basis) the final norm holds it instead.
+        self.head_adapter = self.tied_head and run.family.norms_folded
         if r.basis not in ("per-point", "shared"):
             raise StreamResizeError(f"--basis {r.basis}: choose per-point or shared")
         self.shared_basis = None
         if r.allocation not in ("uniform", "global"):
             raise StreamResizeError(f"--allocation {r.allocation}: {self.name} takes uniform or global (learned is "
                                     "DISP-LLM's hypernetwork: --method disp)")
+        problem = run.family.residual_problem(self.name, r, self.options)
+        if problem:  # a family whose norms are not folded keeps the residual whole
+            raise StreamResizeError(problem)
         self.heads_source = HeadLayout.from_config(c)
         self.heads_kept = self.heads_source.kept(r.attention_sparsity)
         if self.heads_kept != self.heads_source and r.basis == "shared":
@@ -125,7 +131,7 @@ class SlicingMethod(WidthMethod):
             width, intermediate = widths_for_target(
                 self._head_config(), r.target_size, run.reader.parameter_count(), r.mlp_ratio, self.multiples,
                 r.basis == "per-point" and r.sparsity > 0, self.tied_head,
-                residual_width=target_width(hidden, r.sparsity, residual_multiple))
+                residual_width=target_width(hidden, r.sparsity, residual_multiple), adapter=self.head_adapter)
             log.info("target size %.3f: residual width %d of %d, MLP width %d of %d", r.target_size, width,
                      hidden, intermediate, c["intermediate_size"])
         self.widths = [width] * (2 * run.num_layers + 1)
@@ -158,7 +164,7 @@ class SlicingMethod(WidthMethod):
         config = StreamResizeConfig(**self._fields(widths, heads))
         config._attn_implementation = run.block_config._attn_implementation
         with torch.device("meta"):
-            layer = StreamResizeDecoderLayer(config, i)
+            layer = decoder_layer_class(config)(config, i)
         run.set_weights(layer, weights)
         return compute_in(layer.requires_grad_(False).eval(), run.compute_dtype)
 
@@ -243,12 +249,25 @@ class SlicingMethod(WidthMethod):
                              save=lambda: self._save_basis(step, basis, reader),
                              obsolete=[self._basis_path(step - 1)])
 
+    def _embed(self, embedding, rows):
+        """The embedding output of calibration sequences rows[0]:rows[1] (scaled where the family scales it,
+        by its multiplier in the compute dtype)."""
+        run = self.run
+        x = embedding[torch.from_numpy(run.ids[rows[0]:rows[1]]).to(run.device)]
+        scale = run.family.embedding_multiplier(run.source_config, run.compute_dtype)
+        return x if scale is None else x * scale
+
+    def _attention_inputs(self, i, x):
+        """Mask and rotary embeddings of block i's attention for hidden states x."""
+        run = self.run
+        return attention_inputs(run.block_config, run.rotary, x, layer_type=layer_type(run.block_config, i))
+
     def _embed_calibration(self, embedding, view):
         """Embedding output of every calibration sequence into `view`; returns point 0's statistics."""
         run = self.run
         stats = self._new_stats()
         for rows in run.cache.batches(run.recipe.batch_size):
-            x = embedding[torch.from_numpy(run.ids[rows[0]:rows[1]]).to(run.device)]
+            x = self._embed(embedding, rows)
             run.cache.write(view, rows, x)
             stats.add(x)
             fault_point("accumulating")
@@ -286,7 +305,7 @@ class SlicingMethod(WidthMethod):
 
         progress.set_postfix_str(f"block {i}: loading")
         attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
-        readers = {r: rotate_reader(fold_norm(run.block_weight(i, r), attn_norm), reader_in) for r in f.attn_readers}
+        readers = {r: rotate_reader(f.fold(run.block_weight(i, r), attn_norm), reader_in) for r in f.attn_readers}
         w_o, w_down = run.block_weight(i, f.attn_writer), run.block_weight(i, f.mlp_writer)
         # Reader biases and per-head norms: no transform of the residual touches them (a reader's bias
         # does not see its input side); head removal selects the biases' rows.
@@ -308,8 +327,7 @@ class SlicingMethod(WidthMethod):
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
                 x = run.cache.read(view_in, rows, run.device)
-                kwargs = attention_inputs(run.block_config, run.rotary, x)
-                update, _ = layer.self_attn(layer.input_layernorm(x), **kwargs)
+                update = layer.attention_update(x, **self._attention_inputs(i, x))
                 signal = x @ basis_in_t + update
                 run.cache.write(scratch, rows, signal)
                 stats.add(signal)
@@ -319,7 +337,7 @@ class SlicingMethod(WidthMethod):
         progress.set_postfix_str(f"block {i}: solving attention point")
         basis_attn, reader_attn, point_attn = self._solve_point(stats, 2 * i + 1, "scratch")
 
-        mlp_readers = {r: rotate_reader(fold_norm(run.block_weight(i, r), mlp_norm), reader_attn)
+        mlp_readers = {r: rotate_reader(f.fold(run.block_weight(i, r), mlp_norm), reader_attn)
                        for r in f.mlp_readers}
         run.set_weights(layer, mlp_readers)
         basis_attn_f = basis_attn.float()
@@ -337,7 +355,7 @@ class SlicingMethod(WidthMethod):
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
                 narrowed = run.cache.read(scratch, rows, run.device) @ basis_attn_f
-                signal = narrowed @ basis_attn_t + layer.mlp(layer.post_attention_layernorm(narrowed))
+                signal = narrowed @ basis_attn_t + layer.mlp_output(layer.mlp(layer.mlp_input(narrowed)))
                 run.cache.write(view_out, rows, signal)
                 stats.add(signal)
                 fault_point("accumulating")
@@ -402,16 +420,29 @@ class SlicingMethod(WidthMethod):
             atomic_write_json(path, {"multiple": multiple, "scale": scale, "curves": curves})
             log.info("MLP error curves of %d blocks in %.1fs", run.num_layers, time.time() - start)
         uniform = self.intermediate_sizes
-        self.intermediate_sizes = global_widths(curves, [full] * run.num_layers, sum(uniform), multiple)
+        total = sum(uniform)
+        if run.recipe.target_size is not None:
+            # Per-block widths need not be equal: spend the whole budget, to one multiple of one block.
+            total = max(total, min(full * run.num_layers, self._mlp_neuron_budget() // multiple * multiple))
+        self.intermediate_sizes = global_widths(curves, [full] * run.num_layers, total, multiple)
         log.info("global allocation of MLP widths (uniform %d): %s", uniform[0],
                  " ".join(str(w) for w in self.intermediate_sizes))
+
+    def _mlp_neuron_budget(self):
+        """MLP neurons (summed over blocks) that --target-size leaves after everything else is counted."""
+        run, r = self.run, self.run.recipe
+        config = self._head_config()
+        rest = output_parameters(config, self.widths[0], 0, r.basis == "per-point" and r.sparsity > 0,
+                                 self.tied_head, adapter=self.head_adapter)
+        per_neuron = 3 * self.widths[0]  # a gate row, an up row and a down column
+        return int((r.target_size * run.reader.parameter_count() - rest) // per_neuron)
 
     def _dense_layer(self, i):
         """Block i of the source model, norms folded into the readers (the output's own layer code)."""
         run, f = self.run, self.run.family
         attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
-        weights = {r: fold_norm(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
-        weights.update({r: fold_norm(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
+        weights = {r: f.fold(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
+        weights.update({r: f.fold(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
         weights.update({w: run.block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
         layer = self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}, heads=self.heads_source)
         return layer, weights[f.mlp_writer]
@@ -426,7 +457,7 @@ class SlicingMethod(WidthMethod):
         views = [run.cache.view("hidden_a", d), run.cache.view("hidden_b", d)]
         embedding = run.weight(run.family.embedding)
         for rows in batches:
-            run.cache.write(views[0], rows, embedding[torch.from_numpy(run.ids[rows[0]:rows[1]]).to(run.device)])
+            run.cache.write(views[0], rows, self._embed(embedding, rows))
         views[0].flush()
         del embedding
         curves = []
@@ -441,9 +472,9 @@ class SlicingMethod(WidthMethod):
                 tokens = 0
                 for rows in batches:
                     x = run.cache.read(source, rows, run.device)
-                    h = layer.attention_residual(x, **attention_inputs(run.block_config, run.rotary, x))
-                    a = run.family.mlp_hidden(layer.mlp, layer.post_attention_layernorm(h))
-                    y = h + layer.mlp.down_proj(a)
+                    h = layer.attention_residual(x, **self._attention_inputs(i, x))
+                    a = run.family.mlp_hidden(layer.mlp, layer.mlp_input(h))
+                    y = h + layer.mlp_output(layer.mlp.down_proj(a))
                     run.cache.write(target, rows, y)
                     a = a.reshape(-1, width).double()
                     weight = (1.0 / y.reshape(-1, d).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
@@ -484,8 +515,8 @@ class SlicingMethod(WidthMethod):
         for i in range(run.num_layers):
             progress.set_postfix_str(f"shared basis: block {i}")
             attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
-            weights = {r: fold_norm(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
-            weights.update({r: fold_norm(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
+            weights = {r: f.fold(run.block_weight(i, r), attn_norm) for r in f.attn_readers}
+            weights.update({r: f.fold(run.block_weight(i, r), mlp_norm) for r in f.mlp_readers})
             weights.update({w: run.block_weight(i, w) for w in (f.attn_writer, f.mlp_writer)})
             layer = self._calibration_layer(i, d, {**weights, **run.block_extras(i)})
             source, target = views[i % 2], views[(i + 1) % 2]
@@ -493,7 +524,7 @@ class SlicingMethod(WidthMethod):
             with torch.no_grad():
                 for rows in run.cache.batches(run.recipe.batch_size):
                     x = run.cache.read(source, rows, run.device)
-                    h = layer.attention_residual(x, **attention_inputs(run.block_config, run.rotary, x))
+                    h = layer.attention_residual(x, **self._attention_inputs(i, x))
                     attn_stats.add(h)
                     y = layer.mlp_residual(h)
                     mlp_stats.add(y)
@@ -523,7 +554,7 @@ class SlicingMethod(WidthMethod):
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
                 x = run.cache.read(view_in, rows, run.device)
-                layer.self_attn(layer.input_layernorm(x), **attention_inputs(run.block_config, run.rotary, x))
+                layer.self_attn(layer.attention_input(x), **self._attention_inputs(i, x))
                 fault_point("accumulating")
         hook.remove()
         del layer
@@ -549,7 +580,7 @@ class SlicingMethod(WidthMethod):
         stats = Moments(w_down.shape[1], run.device)
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
-                h = layer.post_attention_layernorm(run.cache.read(scratch, rows, run.device) @ basis_attn_f)
+                h = layer.mlp_input(run.cache.read(scratch, rows, run.device) @ basis_attn_f)
                 stats.add(run.family.mlp_hidden(layer.mlp, h))
         stats = run.reduce(stats)
         stats.offload(run.work_path(f"stats-mlp-{i}.f64"))
@@ -567,6 +598,12 @@ class SlicingMethod(WidthMethod):
         run, f = self.run, self.run.family
         _, reader_last = self._load_basis(run.num_layers - 1)
         scale = run.weight(f.final_norm)
+        if not f.norms_folded:  # the final norm keeps its weight; the residual is whole, in its own basis
+            head = {f.final_norm: scale}
+            if not self.tied_head:
+                source = run.weight(f.head if run.reader.has(f.head) else f.embedding)
+                head["lm_head.weight"] = by_rows(lambda rows: rotate_reader(rows, reader_last), source)
+            return head
         if self.tied_head:
             basis_0 = load_file(run.work_path("basis-embedding.safetensors"))["basis"].to(run.device)
             return {"head_adapter.weight": rotate_reader(fold_norm(basis_0.T, scale), reader_last)}
@@ -579,7 +616,7 @@ class SlicingMethod(WidthMethod):
         config.update(residual_widths=list(self.widths), intermediate_sizes=self.intermediate_sizes,
                       shortcuts=[[f"model.layers.{i}.{n}.weight" in weight_map for n in ("attn_shortcut", "mlp_shortcut")]
                                  for i in range(self.run.num_layers)],
-                      tie_word_embeddings=self.tied_head, head_adapter=self.tied_head)
+                      tie_word_embeddings=self.tied_head, head_adapter=self.head_adapter)
         if self.heads_kept != self.heads_source:
             config.update(num_attention_heads=self.heads_kept.heads, num_key_value_heads=self.heads_kept.kv_heads,
                           head_dim=self.heads_kept.head_dim)
