@@ -5,17 +5,18 @@ from .arch.base import BlockShape
 from .errors import StreamResizeError
 
 
-def output_parameters(config, width, intermediate, shortcuts, tied_head):
-    """Total stored parameters of a narrowed Llama-family model with uniform widths."""
+def output_parameters(config, width, intermediate, shortcuts, tied_head, adapter=True):
+    """Total stored parameters of a narrowed Llama-family model with uniform widths. A tied head reads
+    through a k x k adapter unless `adapter` is false (the final norm holds its gain)."""
     vocab, layers = config["vocab_size"], config["num_hidden_layers"]
     shape = BlockShape.from_config(config)
     skip = 2 * width * width if shortcuts else 0
-    head = width * width if tied_head else vocab * width
+    head = (width * width if adapter else 0) if tied_head else vocab * width
     return vocab * width + head + layers * (shape.parameters(shape.narrowed(width, intermediate)) + skip)
 
 
 def widths_for_target(config, target, source_parameters, mlp_ratio, multiples, shortcuts, tied_head,
-                      residual_width=None):
+                      residual_width=None, adapter=True):
     """Widths whose output fits `target` x the source's parameters. Returns (width, intermediate).
 
     mlp_ratio a number: the largest residual width (a multiple of `multiple`) that fits, with the MLP
@@ -30,7 +31,7 @@ def widths_for_target(config, target, source_parameters, mlp_ratio, multiples, s
     budget = target * source_parameters
     if mlp_ratio == "fill":
         for intermediate in range(ff // mlp_multiple * mlp_multiple, 0, -mlp_multiple):
-            if output_parameters(config, residual_width, intermediate, shortcuts, tied_head) <= budget:
+            if output_parameters(config, residual_width, intermediate, shortcuts, tied_head, adapter) <= budget:
                 return residual_width, intermediate
         raise StreamResizeError(f"--target-size {target}: the MLP alone cannot meet it at residual width "
                                 f"{residual_width}; raise --sparsity")
@@ -38,6 +39,6 @@ def widths_for_target(config, target, source_parameters, mlp_ratio, multiples, s
         sparsity = 1 - width / d
         mlp_sparsity = min(0.95, mlp_ratio * sparsity)
         intermediate = max(mlp_multiple, int((1 - mlp_sparsity) * ff) // mlp_multiple * mlp_multiple)
-        if output_parameters(config, width, intermediate, shortcuts, tied_head) <= budget:
+        if output_parameters(config, width, intermediate, shortcuts, tied_head, adapter) <= budget:
             return width, intermediate
     raise StreamResizeError(f"--target-size {target}: no width fits the budget")

@@ -175,9 +175,8 @@ class CheckpointReader:
             for p in parts:
                 del block[p]
             block[name] = (name, "hidden")
-        for name in spec.extra_tensors:  # reader biases (q or kv rows), per-head norms (head_dim)
-            role, _, kind = name.rpartition(".")
-            block[name] = (("q" if role == q else "kv") if kind == "bias" else "head_dim",)
+        for name in spec.extra_tensors:  # reader biases (q or kv rows), per-head norms (head_dim), kept norms
+            block[name] = (spec.extra_dimension(name),)
         for i in range(layers):
             for role, shape in block.items():
                 expected[spec.block_name(i, role) + ("" if role in spec.extra_tensors else ".weight")] = shape

@@ -45,7 +45,7 @@ CARD = "README.md"
 DISP_PROBLEM = "DISP-LLM index sets (every block reads its own channels) need the bundled modeling code"
 SHORTCUT_PROBLEM = "per-point bases carry skip-path matrices, which no stock architecture has"
 BUNDLED_KEYS = ("base_model_type", "residual_widths", "intermediate_sizes", "shortcuts", "head_adapter",
-                "disp_widths", "auto_map", "linear_biases", "fused_linears")
+                "disp_widths", "auto_map", "linear_biases", "fused_linears", "block_norms", "embedding_scale")
 # DeciLM: the modeling files every decilm output carries (copied from this package, named in auto_map).
 DECILM_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
@@ -151,6 +151,9 @@ def _unties_head(in_dir, weight_map):
 def _head_tensors(in_dir, config, weight_map, width, gain):
     """Final norm weight and head for a stock output, plus whether the embedding stays tied and a note.
     `gain` is the stock norm weight that makes it divide by the original width (sqrt(d/k))."""
+    if config.get("block_norms"):  # norms keep their weights: the final norm and any head as they are
+        tensors = _load(in_dir, weight_map["model.norm.weight"])
+        return tensors, "lm_head.weight" not in tensors, ""
     head_shard = weight_map.get("head_adapter.weight") or weight_map.get("lm_head.weight")
     tensors = _load(in_dir, head_shard)
     if "head_adapter.weight" not in tensors:
@@ -188,7 +191,9 @@ def _write_stock_tensors(in_dir, out_dir, config, weight_map, no_mlp=()):
                    if k not in ("head_adapter.weight", "lm_head.weight") and not k.startswith(dropped)}
         for i in range(layers):
             if any(name.startswith(spec.block.format(i=i)) for name in tensors):
-                for role in (spec.attn_norm,) + (() if i in no_mlp else (spec.mlp_norm,)):
+                # folded norms become weight-1 (or sqrt(d/k)) stock norms; kept ones are in the shard already
+                folded = (spec.attn_norm,) + (() if i in no_mlp else (spec.mlp_norm,)) if spec.norms_folded else ()
+                for role in folded:
                     tensors[spec.block_name(i, role) + ".weight"] = torch.full((width,), gain, dtype=dtype)
                 for fused, parts in spec.fused:  # the family's own layout: parts merged back, in order
                     names = [spec.block_name(i, part) + ".weight" for part in parts]
@@ -198,10 +203,13 @@ def _write_stock_tensors(in_dir, out_dir, config, weight_map, no_mlp=()):
             writer.write_shard(shard, tensors)
             new_map.update({name: shard for name in tensors})
     head, tied, note = _head_tensors(in_dir, config, weight_map, width, gain)
+    if config.get("block_norms"):
+        note = ("Unlike the sentence above, this family's norms are not folded: every norm keeps the source's "
+                "weights, and the residual keeps its full width.")
     writer.write_shard("model-head.safetensors", head)
     new_map.update({name: "model-head.safetensors" for name in head})
     stock = {k: v for k, v in config.items() if k not in BUNDLED_KEYS}
-    stock.update(architectures=[spec.architectures[0]], model_type=spec.name, tie_word_embeddings=tied,
+    stock.update(architectures=[spec.architectures[0]], model_type=spec.stock_model_type, tie_word_embeddings=tied,
                  intermediate_size=mlp_widths(config)[0])
     if width < hidden:
         stock.update(hidden_size=width, head_dim=config.get("head_dim") or hidden // config["num_attention_heads"],

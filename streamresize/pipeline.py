@@ -307,6 +307,11 @@ class Run:
             c["linear_biases"] = list(self.family.biases)
         if self.family.fused:  # fused tensors the family's modules compute from our separate parts
             c["fused_linears"] = [[name, list(parts)] for name, parts in self.family.fused]
+        if not self.family.norms_folded:  # norms keep their weights: the family's own norm class, by name
+            post_attn, post_mlp = self.family.post_norms or (None, None)
+            c["block_norms"] = [self.family.attn_norm, post_attn, self.family.mlp_norm, post_mlp]
+        if self.family.embedding_scale:
+            c["embedding_scale"] = self.hidden ** 0.5
         return c
 
     # ---- services for the methods --------------------------------------------------------------

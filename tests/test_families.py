@@ -26,7 +26,11 @@ from streamresize.methods import registry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(7))
 STOCK_CLASS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama3": "LlamaForCausalLM",
-               "phi3": "Phi3ForCausalLM"}
+               "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+# Gemma 3 (text): a sliding-window layer (window 8, shorter than the 20- and 32-token inputs) beside a global
+# one, each with its rotary base; attention scaled by query_pre_attn_scalar 24 (not head_dim 16); tied.
+GEMMA3 = dict(architecture="gemma3", tie=True, sliding_window=8, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention"])
 # Llama 3.2 1B/3B details: a tied head over a large vocabulary (more rows than one by_rows block) and
 # rope of type llama3.
 LLAMA3 = dict(vocab_size=5000, tie=True, rope_parameters={
@@ -64,7 +68,8 @@ def models(tmp_path_factory, tokenizer):
     specs = {"qwen2": dict(architecture="qwen2"), "qwen3": dict(architecture="qwen3"),
              "llama3": dict(architecture="llama", shards=12, **LLAMA3), "qwen2-mha": dict(architecture="qwen2", num_key_value_heads=4),
              "qwen2-bf16": dict(architecture="qwen2", dtype=torch.bfloat16, seed=5),
-             "phi3": dict(architecture="phi3", num_key_value_heads=4, partial_rotary_factor=0.75)}
+             "phi3": dict(architecture="phi3", num_key_value_heads=4, partial_rotary_factor=0.75),
+             "gemma3": dict(**GEMMA3), "gemma3-bf16": dict(**GEMMA3, dtype=torch.bfloat16, seed=5)}
 
     def get(key):
         if key not in made:
@@ -81,8 +86,9 @@ def compress(model, out, **options):
 # ---- the function is kept ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["pca", "prune", "dotresize"])
-@pytest.mark.parametrize("key", ["qwen2", "qwen3", "llama3", "phi3"])
+@pytest.mark.parametrize("key,method", [(key, method) for key in ("qwen2", "qwen3", "llama3", "phi3")
+                                        for method in ("pca", "prune", "dotresize")]
+                         + [("gemma3", "prune"), ("gemma3", "dotresize")])
 def test_sparsity_zero_reproduces_the_dense_logits_in_stock_transformers(models, texts, tmp_path, key, method):
     model = models(key)
     summary = compress(model, tmp_path / "out", method=method, sparsity=0.0, dataset=texts["calib"])
@@ -93,7 +99,8 @@ def test_sparsity_zero_reproduces_the_dense_logits_in_stock_transformers(models,
 
 
 @pytest.mark.parametrize("key,heads", [("qwen2", 0.5), ("qwen3", 0.5), ("llama3", 0.5), ("qwen2-mha", 0.5),
-                                       ("qwen2-bf16", 0.5), ("qwen3", 0.0), ("phi3", 0.5)])
+                                       ("qwen2-bf16", 0.5), ("qwen3", 0.0), ("phi3", 0.5), ("gemma3", 0.5),
+                                       ("gemma3-bf16", 0.5)])
 def test_mlp_and_head_reduction_is_stock_with_the_recorded_widths_and_the_bundled_logits(models, texts, tmp_path,
                                                                                           key, heads):
     model = models(key)
@@ -115,7 +122,8 @@ def test_mlp_and_head_reduction_is_stock_with_the_recorded_widths_and_the_bundle
         assert [a["heads"] for a in record["attention"]] == [2, 2]
     assert stock["parameters"] < stock["source_parameters"]
     for field in ("rope_parameters", "tie_word_embeddings", "vocab_size", "layer_types", "use_sliding_window",
-                  "sliding_window", "max_window_layers", "partial_rotary_factor", "rope_scaling"):
+                  "sliding_window", "max_window_layers", "partial_rotary_factor", "rope_scaling",
+                  "query_pre_attn_scalar", "final_logit_softcapping", "hidden_activation"):
         assert config.get(field) == source.get(field), field  # carried through unchanged
     logits, cls = plain_logits(tmp_path / "stock", IDS, tmp_path)
     assert cls == source["architectures"][0]
@@ -219,13 +227,75 @@ def test_phi3_keeps_its_fused_tensors(models, texts, tmp_path, save_format):
         assert torch.allclose(stock[p + "self_attn.qkv_proj.weight"][:32], expected_q, atol=1e-6)
 
 
+# ---- Gemma 3: norms kept, residual whole ---------------------------------------------------------------
+
+
+def test_gemma3_norms_are_kept_and_the_bundled_code_computes_the_dense_model(models, texts, tmp_path):
+    """At sparsity 0 the bundled output (our KeptNormDecoderLayer, scaled embedding, a rotary per layer type,
+    sliding masks) reproduces the dense logits; every norm is the source's, nothing folded into a reader."""
+    model = models("gemma3")
+    compress(model, tmp_path / "out", method="prune", sparsity=0.0, save_format="bundled", dataset=texts["calib"])
+    assert (bundled_logits(tmp_path / "out", IDS) - dense_logits(model, IDS)).abs().max().item() < 1e-4
+    source, out = tensors(model), tensors(tmp_path / "out")
+    assert set(out) == set(source)  # tied: no head, no adapter
+    for name in source:
+        assert torch.equal(out[name], source[name]), name
+
+
+def test_gemma3_global_mlp_allocation_with_obs_is_bundled_with_the_recorded_widths(models, texts, tmp_path):
+    model = models("gemma3")
+    options = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.3, attention_sparsity=0.5, allocation="global",
+                   method_options={"mlp_support": "obs"}, dataset=texts["calib"])
+    summary = compress(model, tmp_path / "out", **options)
+    config = config_of(tmp_path / "out")
+    widths = config["intermediate_sizes"]
+    assert summary["format"] == "bundled" and len(set(widths)) > 1 and sum(widths) == 2 * 64
+    assert [m["width"] for m in config["streamresize"]["mlp"]] == widths
+    assert summary["parameters"] < summary["source_parameters"]
+    out = tensors(tmp_path / "out")
+    for i, width in enumerate(widths):
+        assert out[f"model.layers.{i}.mlp.down_proj.weight"].shape == (64, width)
+        assert out[f"model.layers.{i}.self_attn.q_proj.weight"].shape == (2 * 16, 64)
+    assert torch.isfinite(bundled_logits(tmp_path / "out", IDS)).all()
+
+
+@pytest.mark.parametrize("options,refused", [
+    (dict(method="pca", sparsity=0.0), "does not support --method pca"),
+    (dict(method="disp", sparsity=0.2), "does not support --method disp"),
+    (dict(method="prune", sparsity=0.25), "does not support --method prune with --sparsity 0.25"),
+    (dict(method="dotresize", sparsity=0.25, mlp_sparsity=0.2), "does not support --method dotresize with --sparsity 0.25"),
+    (dict(method="prune", sparsity=0.0, basis="shared", mlp_sparsity=0.2), "does not support --method prune with --basis shared"),
+    (dict(method="dotresize", sparsity=0.0, target_size=0.8), "does not support --method dotresize with --target-size with --mlp-ratio 1.0"),
+])
+def test_gemma3_residual_width_methods_are_refused_naming_family_method_and_what_works(models, texts, tmp_path,
+                                                                                       options, refused):
+    with pytest.raises(StreamResizeError) as error:
+        compress(models("gemma3"), tmp_path / "out", dataset=texts["calib"], **options)
+    message = str(error.value)
+    assert f"the gemma3 family {refused}" in message, message
+    assert "norms after attention and after the MLP" in message
+    assert "--sparsity 0 with --mlp-sparsity" in message and "--attention-sparsity" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma3_target_size_fills_the_mlp(models, texts, tmp_path):
+    """--target-size with --mlp-ratio fill narrows the MLP only; the budget counts no head adapter."""
+    model = models("gemma3")
+    summary = compress(model, tmp_path / "out", method="dotresize", sparsity=0.0, target_size=0.9, mlp_ratio="fill",
+                       dataset=texts["calib"])
+    assert summary["format"] == "stock" and summary["parameters"] <= 0.9 * summary["source_parameters"]
+    assert config_of(tmp_path / "out")["intermediate_size"] < 96
+
+
 # ---- refusals ------------------------------------------------------------------------------------
 
 
-def test_decilm_is_refused_for_a_family_whose_blocks_it_cannot_hold(models, texts, tmp_path):
-    with pytest.raises(StreamResizeError, match="a qwen2 model cannot be written in this format \\(DeciLM's blocks "
-                                                "are Llama's, without the q/k/v biases\\); use auto or stock or bundled"):
-        compress(models("qwen2"), tmp_path / "out", method="prune", sparsity=0.0, mlp_sparsity=0.3,
+@pytest.mark.parametrize("key,why", [("qwen2", "without the q/k/v biases"),
+                                     ("gemma3", "without Gemma's post-sublayer and \\(1 \\+ w\\) norms")])
+def test_decilm_is_refused_for_a_family_whose_blocks_it_cannot_hold(models, texts, tmp_path, key, why):
+    with pytest.raises(StreamResizeError, match=f"a {key} model cannot be written in this format \\(DeciLM's blocks "
+                                                f"are Llama's, {why}\\); use auto or stock or bundled"):
+        compress(models(key), tmp_path / "out", method="prune", sparsity=0.0, mlp_sparsity=0.3,
                  save_format="decilm", dataset=texts["calib"])
     assert not (tmp_path / "out").exists()
 

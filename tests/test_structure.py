@@ -4,6 +4,7 @@ methods own their options, and every registered method works on every registered
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,13 +134,20 @@ def _load_logits(out, ids):
 @pytest.mark.parametrize("method", sorted(registry.METHODS))
 def test_every_method_on_every_family(family_model, texts, tmp_path, method):
     """Sparsity 0 reproduces the dense logits through transformers' Auto classes; sparsity 0.25
-    writes a smaller model that loads and gives finite logits."""
+    writes a smaller model that loads and gives finite logits. A method the family refuses is refused
+    with the adapter's message; where the residual stays whole (norms not folded) the MLP is narrowed."""
+    spec = arch.spec_for(json.load(open(os.path.join(family_model, "config.json"))))
+    if spec.method_problem(method):
+        with pytest.raises(StreamResizeError, match=re.escape(spec.method_problem(method))):
+            streamresize.compress(family_model, str(tmp_path / "full"), method=method, dataset=[texts["calib"]], **CALIB)
+        return
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     dense = dense_logits(family_model, ids)
     full = streamresize.compress(family_model, str(tmp_path / "full"), method=method, sparsity=0.0,
                                  dataset=[texts["calib"]], **CALIB)
     assert (_load_logits(tmp_path / "full", ids) - dense).abs().max().item() < 1e-4
-    small = streamresize.compress(family_model, str(tmp_path / "small"), method=method, sparsity=0.25,
+    smaller = dict(sparsity=0.25) if spec.norms_folded else dict(sparsity=0.0, mlp_sparsity=0.25)
+    small = streamresize.compress(family_model, str(tmp_path / "small"), method=method, **smaller,
                                   dataset=[texts["calib"]], **CALIB)
     assert small["parameters"] < full["parameters"]
     assert torch.isfinite(_load_logits(tmp_path / "small", ids)).all()

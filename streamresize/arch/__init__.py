@@ -5,7 +5,7 @@ import importlib
 
 from ..errors import StreamResizeError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 
 def specs():
@@ -38,11 +38,16 @@ def support_matrix(methods):
     header = ["family", "architectures", "differs from Llama's tensors", *methods, *FORMAT_NAMES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for spec in specs():
-        carried = ", ".join([f"`{name}`" for name in spec.extra_tensors]
+        plain_norms = {f"{spec.attn_norm}.weight", f"{spec.mlp_norm}.weight"}
+        carried = ", ".join([f"`{name}`" for name in spec.extra_tensors if name not in plain_norms]
                             + [f"`{name}` (fused {' + '.join(p.rsplit('.', 1)[-1] for p in parts)})"
-                               for name, parts in spec.fused]) or "-"
+                               for name, parts in spec.fused]
+                            + ([f"every norm keeps its weight (not folded; `{spec.mlp_norm}` before the MLP)"]
+                               if not spec.norms_folded else [])
+                            + (["embedding output x sqrt(hidden_size)"] if spec.embedding_scale else [])) or "-"
         cells = [spec.name, ", ".join(f"`{a}`" for a in spec.architectures), carried]
-        cells += ["yes" if spec.method_problem(m) is None else f"no: {spec.refused_why}" for m in methods]
+        taken = "yes" if spec.norms_folded else "MLP neurons and heads (--sparsity 0)"
+        cells += [taken if spec.method_problem(m) is None else f"no: {spec.refused_why}" for m in methods]
         cells += ["yes" if f in spec.formats else f"no: {spec.formats_why}" for f in FORMAT_NAMES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -62,6 +62,16 @@ class ArchSpec:
     # gate_up_proj. Methods see the parts (split on read); the output keeps the family's fused layout.
     fused: tuple = ()
     mlp_activation: str = "act_fn"  # the MLP module's activation attribute (mlp_hidden)
+    # Norms whose gains are folded into the readers (Llama's RMSNorm), so the residual can be rotated
+    # and narrowed exactly. False (Gemma's (1 + w) norms, also after each sublayer): every norm keeps its
+    # weight and the family's own norm class, the residual stays whole (MLP neurons and heads still go),
+    # and the norms are carried as block tensors (extra_tensors).
+    norms_folded: bool = True
+    # Norms applied to a sublayer's output before it is added to the residual (Gemma's post-attention and
+    # post-feedforward norms): (after attention, after the MLP); None where there is none.
+    post_norms: tuple = ()
+    embedding_scale: bool = False  # the embedding output is multiplied by sqrt(hidden_size) (Gemma)
+    model_type: str = ""  # config.json's model_type of the stock output (default: the family name)
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     head: str = "lm_head.weight"
@@ -118,10 +128,64 @@ class ArchSpec:
         raise KeyError(role)
 
     @property
+    def stock_model_type(self):
+        return self.model_type or self.name
+
+    @property
+    def kept_norms(self):
+        """The block's residual-wide norms that keep their weights (none where norms are folded)."""
+        if self.norms_folded:
+            return ()
+        return (self.attn_norm, self.mlp_norm) + tuple(n for n in self.post_norms if n)
+
+    @property
     def extra_tensors(self):
-        """Block tensors besides the roles' weights, by their name inside the block: reader biases and
-        per-head norm weights. Read, carried through every transform and written like the weights."""
-        return tuple(f"{role}.bias" for role in self.biases) + tuple(f"{norm}.weight" for norm in self.head_norms)
+        """Block tensors besides the roles' weights, by their name inside the block: reader biases,
+        per-head norm weights and the norms that are not folded. Read, carried through every transform
+        and written like the weights."""
+        return (tuple(f"{role}.bias" for role in self.biases) + tuple(f"{norm}.weight" for norm in self.head_norms)
+                + tuple(f"{norm}.weight" for norm in self.kept_norms))
+
+    def extra_dimension(self, name):
+        """What sizes extra tensor `name`: "q" or "kv" (a bias), "head_dim" (a per-head norm), "hidden"."""
+        role, _, kind = name.rpartition(".")
+        if kind == "bias":
+            return "q" if role == self.attn_readers[0] else "kv"
+        return "head_dim" if role in self.head_norms else "hidden"
+
+    def fold(self, reader_weight, norm_weight):
+        """A reader's weight with its norm's gain folded in, or as it is where norms keep their weights."""
+        from ..transforms import fold_norm
+
+        return fold_norm(reader_weight, norm_weight) if self.norms_folded else reader_weight
+
+    def embedding_multiplier(self, config, dtype):
+        """What the embedding output is multiplied by (Gemma: sqrt(hidden_size) rounded to the dtype the
+        model computes in, as transformers' scaled embedding does), or None."""
+        if not self.embedding_scale:
+            return None
+        import torch
+
+        return torch.tensor(config["hidden_size"] ** 0.5, dtype=torch.float32).to(dtype).item()
+
+    def residual_problem(self, method, recipe, options):
+        """Why this family refuses `recipe`'s residual-width options with slicing method `method` (its
+        resolved `options`), or None."""
+        if self.norms_folded:
+            return None
+        asked = [text for text, on in (
+            (f"--sparsity {recipe.sparsity}", recipe.sparsity > 0),
+            ("--basis shared", recipe.basis == "shared"),
+            ("-o rotate_full_width=true", bool(options.get("rotate_full_width"))),
+            (f"--target-size with --mlp-ratio {recipe.mlp_ratio} (it narrows the residual)",
+             recipe.target_size is not None and recipe.mlp_ratio != "fill")) if on]
+        if not asked:
+            return None
+        return (f"the {self.name} family does not support --method {method} with {', '.join(asked)}: {self.refused_why}; "
+                f"what works: {self.what_works}")
+
+    what_works = ("--sparsity 0 with --mlp-sparsity (-o mlp_support=obs, --allocation global), "
+                  "--attention-sparsity, --target-size with --mlp-ratio fill")
 
     def select_head_rows(self, extras, q_rows, kv_rows=None):
         """The extras after head removal: the q bias keeps the kept query heads' rows, the k/v biases
@@ -142,8 +206,9 @@ class ArchSpec:
         """Why this family refuses width method `method`, or None."""
         if self.methods is None or method in self.methods:
             return None
+        works = f" ({self.what_works})" if not self.norms_folded else ""
         return (f"the {self.name} family does not support --method {method}: {self.refused_why}; "
-                f"supported: {', '.join(self.methods)}")
+                f"supported: {', '.join(self.methods)}{works}")
 
     def shape(self, config):
         return BlockShape.from_config(config)

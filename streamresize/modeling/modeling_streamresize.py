@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 MODEL_TYPE = "streamresize"
@@ -45,6 +45,8 @@ FAMILY_MODULES = {
               "Qwen3RMSNorm"),
     "phi3": ("transformers.models.phi3.modeling_phi3", "Phi3Attention", "Phi3MLP", "Phi3RotaryEmbedding",
              "Phi3RMSNorm"),
+    "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3Attention", "Gemma3MLP", "Gemma3RotaryEmbedding",
+               "Gemma3RMSNorm"),
 }
 DISP_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")  # the paper's I1 .. I5
 
@@ -93,8 +95,16 @@ class StreamResizeConfig(LlamaConfig):
     head_adapter: bool = False
     disp_widths: list | None = None  # per block, sizes of the index sets I1..I5 (DISP_GROUPS)
     sliding_window: int | None = None
+    # Declared (not left to **kwargs) so it is known when the rope parameters are standardized: a family with
+    # a rotary per layer type (Gemma 3) keeps its nested rope_parameters as they are.
+    layer_types: list | None = None
     linear_biases: list | None = None  # block linears with a bias the family has but its config does not declare
     fused_linears: list | None = None  # [[fused name, [part names]], ...]: what the family's modules call fused
+    # A family whose norms keep their weights (Gemma): the block's norm names, [before attention, after
+    # attention, before the MLP, after the MLP] (null: none), computed by the family's own norm class;
+    # the residual is never narrowed. None: norms are folded into the readers (ResidualNorm).
+    block_norms: list | None = None
+    embedding_scale: float | None = None  # the embedding output is multiplied by this (Gemma: sqrt(hidden))
     streamresize: dict | None = None
 
     def has_bias(self, role):
@@ -150,22 +160,34 @@ def _install_fused(layer, config):
         setattr(layer.get_submodule(parent), name, _Stacked(layer.get_submodule(p) for p in parts))
 
 
-def attention_inputs(config, rotary_emb, inputs_embeds, attention_mask=None, position_ids=None, cache=None):
-    """Mask and rotary embeddings exactly as the source architecture makes them."""
+def layer_type(config, layer_idx):
+    """Block `layer_idx`'s attention type (config.layer_types: "full_attention", "sliding_attention"), or
+    None for families without per-layer types."""
+    types = getattr(config, "layer_types", None)
+    return types[layer_idx] if types else None
+
+
+def attention_inputs(config, rotary_emb, inputs_embeds, attention_mask=None, position_ids=None, cache=None,
+                     layer_type=None):
+    """Mask and rotary embeddings exactly as the source architecture makes them, for blocks of
+    `layer_type` (a sliding-window mask for "sliding_attention"; a rotary that takes a layer type, as
+    Gemma 3's does with a base per type, gets it)."""
     if position_ids is None:
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
-    mask = create_causal_mask(
+    make_mask = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+    mask = make_mask(
         config=config,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
         **{MASK_CACHE_KEYWORD: cache},
     )
+    rotary_kwargs = {"layer_type": layer_type} if "layer_type" in inspect.signature(rotary_emb.forward).parameters else {}
     return {
         "attention_mask": mask,
         "position_ids": position_ids,
-        "position_embeddings": rotary_emb(inputs_embeds, position_ids=position_ids),
+        "position_embeddings": rotary_emb(inputs_embeds, position_ids=position_ids, **rotary_kwargs),
     }
 
 
@@ -201,8 +223,22 @@ class StreamResizeDecoderLayer(nn.Module):
     def _skip(hidden_states, shortcut):
         return hidden_states if shortcut is None else shortcut(hidden_states)
 
+    # What every block class offers the engine: the attention's input, the update it adds to the
+    # residual, the MLP's input and what becomes of the MLP's output before it is added.
+    def attention_input(self, hidden_states):
+        return self.input_layernorm(hidden_states)
+
+    def attention_update(self, hidden_states, **attention_kwargs):
+        return self.self_attn(self.input_layernorm(hidden_states), **attention_kwargs)[0]
+
+    def mlp_input(self, hidden_states):
+        return self.post_attention_layernorm(hidden_states)
+
+    def mlp_output(self, update):
+        return update
+
     def attention_residual(self, hidden_states, **attention_kwargs):
-        update, _ = self.self_attn(self.input_layernorm(hidden_states), **attention_kwargs)
+        update = self.attention_update(hidden_states, **attention_kwargs)
         return self._skip(hidden_states, self.attn_shortcut) + update
 
     def mlp_residual(self, hidden_states):
@@ -211,6 +247,70 @@ class StreamResizeDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, **attention_kwargs):
         return self.mlp_residual(self.attention_residual(hidden_states, **attention_kwargs))
+
+
+class KeptNormDecoderLayer(nn.Module):
+    """A block of a family whose norms keep their weights (Gemma: (1 + w) norms before and after each
+    sublayer): the family's own attention, MLP and norm classes under the family's tensor names, the
+    residual full width; MLP neurons and attention heads may be fewer than the source's.
+
+        h = x + post_attn(attn(pre_attn(x)));  y = h + post_mlp(mlp(pre_mlp(h)))
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        attention_cls, mlp_cls, _, norm_cls = family_classes(config.base_model_type)
+        if config.residual_widths and set(config.residual_widths) != {config.hidden_size}:
+            raise ValueError("a block whose norms keep their weights needs the whole residual width")
+        d, d_ff = config.hidden_size, config.intermediate(layer_idx)
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.has_bias
+        self.self_attn = attention_cls(config, layer_idx)
+        self.self_attn.q_proj = _linear(d, heads * head_dim, bias("self_attn.q_proj"))
+        self.self_attn.k_proj = _linear(d, kv_heads * head_dim, bias("self_attn.k_proj"))
+        self.self_attn.v_proj = _linear(d, kv_heads * head_dim, bias("self_attn.v_proj"))
+        self.self_attn.o_proj = _linear(heads * head_dim, d, bias("self_attn.o_proj"))
+        self.mlp = mlp_cls(config)
+        self.mlp.gate_proj = _linear(d, d_ff, bias("mlp.gate_proj"))
+        self.mlp.up_proj = _linear(d, d_ff, bias("mlp.up_proj"))
+        self.mlp.down_proj = _linear(d_ff, d, bias("mlp.down_proj"))
+        _install_fused(self, config)
+        self._norms = list(config.block_norms)
+        for name in self._norms:
+            if name:
+                setattr(self, name, norm_cls(d, eps=config.rms_norm_eps))
+
+    def _norm(self, index, hidden_states):
+        name = self._norms[index]
+        return hidden_states if name is None else getattr(self, name)(hidden_states)
+
+    def attention_input(self, hidden_states):
+        return self._norm(0, hidden_states)
+
+    def attention_update(self, hidden_states, **attention_kwargs):
+        return self._norm(1, self.self_attn(self._norm(0, hidden_states), **attention_kwargs)[0])
+
+    def mlp_input(self, hidden_states):
+        return self._norm(2, hidden_states)
+
+    def mlp_output(self, update):
+        return self._norm(3, update)
+
+    def attention_residual(self, hidden_states, **attention_kwargs):
+        return hidden_states + self.attention_update(hidden_states, **attention_kwargs)
+
+    def mlp_residual(self, hidden_states):
+        return hidden_states + self.mlp_output(self.mlp(self.mlp_input(hidden_states)))
+
+    def forward(self, hidden_states, **attention_kwargs):
+        return self.mlp_residual(self.attention_residual(hidden_states, **attention_kwargs))
+
+
+def decoder_layer_class(config):
+    """The block class of an output with this config."""
+    if config.disp_widths:
+        return DispDecoderLayer
+    return KeptNormDecoderLayer if config.block_norms else StreamResizeDecoderLayer
 
 
 class DispDecoderLayer(nn.Module):
@@ -258,11 +358,27 @@ class StreamResizePreTrainedModel(PreTrainedModel):
     config_class = StreamResizeConfig
     config: StreamResizeConfig
     base_model_prefix = "model"
-    _no_split_modules = ["StreamResizeDecoderLayer", "DispDecoderLayer"]
+    _no_split_modules = ["StreamResizeDecoderLayer", "DispDecoderLayer", "KeptNormDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        """transformers' own, plus a rotary with a base per layer type (Gemma 3: `{type}_inv_freq` buffers,
+        which the generic init does not know; non-persistent, so they are computed here, as the family's
+        own init does)."""
+        super()._init_weights(module)
+        kinds = getattr(module, "rope_type", None)
+        if "RotaryEmbedding" in type(module).__name__ and isinstance(kinds, dict):
+            from transformers import initialization as init
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            for kind, rope_type in kinds.items():
+                fn = module.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+                inv_freq, _ = fn(module.config, layer_type=kind)
+                init.copy_(getattr(module, f"{kind}_inv_freq"), inv_freq)
+                init.copy_(getattr(module, f"{kind}_original_inv_freq"), inv_freq)
 
 
 class StreamResizeModel(StreamResizePreTrainedModel):
@@ -271,9 +387,9 @@ class StreamResizeModel(StreamResizePreTrainedModel):
         attention_cls, _, rotary_cls, norm_cls = family_classes(config.base_model_type)
         self.attention_cache_keyword = _cache_keyword(attention_cls.forward)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.width(0))
-        layer_cls = DispDecoderLayer if config.disp_widths else StreamResizeDecoderLayer
+        layer_cls = decoder_layer_class(config)
         self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
-        if config.disp_widths:  # the final norm is untouched and keeps its weight
+        if config.disp_widths or config.block_norms:  # the final norm is untouched and keeps its weight
             self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
         else:
             self.norm = ResidualNorm(config.hidden_size, config.rms_norm_eps)
@@ -285,14 +401,19 @@ class StreamResizeModel(StreamResizePreTrainedModel):
         cache = _one_cache(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.config.embedding_scale is not None:  # as the family's scaled embedding: in the weights' dtype
+                inputs_embeds = inputs_embeds * torch.tensor(self.config.embedding_scale).to(inputs_embeds.dtype)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        attention_kwargs = attention_inputs(self.config, self.rotary_emb, inputs_embeds, attention_mask,
-                                            position_ids, cache)
-        attention_kwargs[self.attention_cache_keyword] = cache
+        types = [layer_type(self.config, i) for i in range(len(self.layers))]
+        by_type = {}
+        for kind in dict.fromkeys(types):  # one mask and rotary per attention type, as the family makes them
+            by_type[kind] = attention_inputs(self.config, self.rotary_emb, inputs_embeds, attention_mask,
+                                             position_ids, cache, layer_type=kind)
+            by_type[kind][self.attention_cache_keyword] = cache
         hidden_states = inputs_embeds
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, **attention_kwargs)
+        for layer, kind in zip(self.layers, types):
+            hidden_states = layer(hidden_states, **by_type[kind])
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{OUTPUT_CACHE_FIELD: cache})
 
 
@@ -327,6 +448,9 @@ class StreamResizeForCausalLM(StreamResizePreTrainedModel, GenerationMixin):
         if self.head_adapter is not None:
             hidden_states = self.head_adapter(hidden_states)
         logits = self.lm_head(hidden_states)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma's soft-capping of the logits
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
