@@ -96,6 +96,9 @@ class Run:
         self.device = resolve_device(recipe.device)
         if dist is not None:
             self.device = dist.device(self.device)  # cuda:LOCAL_RANK
+            if recipe.num_calibration_samples < dist.world:
+                raise StreamResizeError(f"--num-calibration-samples {recipe.num_calibration_samples}: fewer sequences "
+                                        f"than the {dist.world} processes that share them; give at least {dist.world}")
             if recipe.allocation == "learned":
                 raise StreamResizeError("--allocation learned trains on the whole model in one process; it cannot "
                                         "run under torchrun (use --allocation global, or a single process)")

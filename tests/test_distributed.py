@@ -292,3 +292,13 @@ def test_calibration_tokenized_once_gives_the_same_ids(tiny_model, texts, tmp_pa
     np.save(tmp_path / "2d.npy", np.zeros((4, 4), dtype=np.int64))
     with pytest.raises(StreamResizeError, match="1-D integer array"):
         calibration_ids(tiny_model, [str(tmp_path / "2d.npy")], n, seq, 0)
+
+
+def test_fewer_sequences_than_processes_is_refused(tiny_model, texts, tmp_path):
+    from streamresize.errors import StreamResizeError
+    from streamresize.pipeline import Run
+    from streamresize.recipe import load_recipe
+
+    recipe = load_recipe(None, {"dataset": [texts["calib"]], "num_calibration_samples": 3, "max_seq_length": 32})
+    with pytest.raises(StreamResizeError, match="--num-calibration-samples 3: fewer sequences than the 4 processes"):
+        Run(tiny_model, tmp_path / "o", recipe, dist=distributed.Dist(0, 4))
