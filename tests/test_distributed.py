@@ -32,6 +32,7 @@ from streamresize.writer import RUN_LOG
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOTRESIZE = {"method": "dotresize", "sparsity": 0.25, "mlp_sparsity": 0.3}
 DISP = {"method": "disp", "sparsity": 0.3}
+DISP_GLOBAL = {"method": "disp", "sparsity": 0.3, "allocation": "global"}  # error curves: a pre-pass with its own sums
 
 
 def free_port():
@@ -166,7 +167,7 @@ def test_torchrun_two_processes_write_the_single_process_output(tiny_model, text
     same_bytes(out, again)
 
 
-@pytest.mark.parametrize("options", [DOTRESIZE, DISP], ids=["dotresize-mlp", "disp"])
+@pytest.mark.parametrize("options", [DOTRESIZE, DISP, DISP_GLOBAL], ids=["dotresize-mlp", "disp", "disp-global"])
 def test_two_ranks_match_one_process_and_each_other(tiny_model, texts, tmp_path, options):
     single = tmp_path / "single"
     cli(*compress_args(tiny_model, single, texts["calib"], **options))
