@@ -98,11 +98,13 @@ def main():
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=100)
     p.add_argument("--demo-dir", default=None)
+    p.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "gemma3-270m"),
+                   help="which model tools/make_demo.py builds (gemma3-270m: in ~/.cache/streamresize/gemma3-270m)")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--json", default=None, help="also save raw results here")
     args = p.parse_args()
 
-    demo = json.loads(subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo.py")]
+    demo = json.loads(subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo.py"), "--model", args.model]
                                      + (["--out", args.demo_dir] if args.demo_dir else []),
                                      capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     configs = expand(args.config, args.ratios)
