@@ -9,6 +9,7 @@ from .obs import obs_order
 from .support import Frame, support_frame
 
 OBS_DAMP = 0.01  # H + 0.01 x mean(diag H) I for the selection only; the final refit is undamped
+OBS_UPDATES = 64  # updates of H⁻¹ per MLP at most (each O(d_ff²)): neurons are removed in batches beyond
 
 
 def choose_neurons(stats, width, kind, down, batch=0):
@@ -18,7 +19,7 @@ def choose_neurons(stats, width, kind, down, batch=0):
     if kind != "obs":
         return support_frame(stats, width, kind, weight_norms=down.double().norm(dim=0))
     remove = down.shape[1] - width
-    batch = batch or max(1, -(-remove // 512))  # at most ~512 updates of H⁻¹ per MLP
+    batch = batch or max(1, -(-remove // OBS_UPDATES))
     order = obs_order(stats.gram, down, remove=remove, damp=OBS_DAMP, batch=batch)
     keep = torch.tensor(order.kept(down.shape[1], remove), device=stats.gram.device)
     return Frame(None, stats.gram, stats.sum, stats.count, keep)

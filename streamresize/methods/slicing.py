@@ -56,7 +56,7 @@ MLP_SUPPORT = Option("auto", str, "which MLP neurons are kept: obs (structured O
                     "refit), norm/variance/mean_abs (a score x the down_proj column norm); auto: the `support` "
                     "option's choice (norm for pca)", choices=("auto", "norm", "variance", "mean_abs", "obs"),
                     recorded=False)
-OBS_BATCH = Option(0, int, "obs: neurons removed per update of the inverse Gram (0: at most ~512 updates)",
+OBS_BATCH = Option(0, int, "obs: neurons removed per update of the inverse Gram (0: at most 64 updates)",
                    minimum=0, recorded=False)
 CURVE_SAMPLES = Option(16, int, "--allocation global: calibration sequences the per-layer error curves are "
                        "measured on (dense model)", positive=True, recorded=False)
