@@ -265,6 +265,12 @@ def export(in_dir, out_dir, fmt="auto", link=False, name=None):
         raise StreamResizeError(f"--save-format {fmt}: choose from {', '.join(FORMATS)}")
     config = _read_config(in_dir)
     weight_map = _tensors(in_dir)
+    if config.get("model_type") != "streamresize":
+        # A stock or decilm output is already what export would write; converting back is not built.
+        raise StreamResizeError(
+            f"{name or in_dir}: a {config.get('model_type')!r} checkpoint, not a bundled streamresize output: "
+            "export converts the bundled output compress writes (compress --save-format bundled keeps one); "
+            "to change the format of this one, compress again with --save-format")
     problem = stock_problem(config, in_dir, weight_map)
     if fmt == "stock" and problem:
         raise StreamResizeError(f"{name or in_dir}: cannot be written as a stock checkpoint: {problem}")

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
 from .arch import spec_for
 from .cache import ActivationCache
 from .calibration import calibration_ids
 from .checkpoint import CheckpointReader, parameter_count
 from .commit import BackgroundCommit
-from .distributed import fingerprint, rank_dir_name, read_progress, signature_digest, write_progress
+from .distributed import fingerprint, from_env, rank_dir_name, read_progress, signature_digest, write_progress
 from .errors import StreamResizeError
 from .formats import FORMATS, export, write_bundled_card
 from .manifest import MANIFEST, Manifest
@@ -257,7 +256,7 @@ class Run:
         from .modeling.modeling_streamresize import StreamResizeConfig
 
         self.block_config = StreamResizeConfig(**self.model_config_fields())
-        self.block_config._attn_implementation = "sdpa"
+        self.block_config._attn_implementation = self.family.attention_implementation
         rotary_cls = family_classes(self.family.name)[2]
         self.rotary = rotary_cls(config=self.block_config).to(self.device)
 
@@ -639,7 +638,7 @@ def compress(model_dir, out_dir, recipe, work_dir=None, restart=False, memory=No
     """One compression. Under torchrun / accelerate launch (WORLD_SIZE set) this process is one rank of a
     data-parallel run (`distributed.py`); `dist=None` forces a single process."""
     if dist == "env":
-        dist = distributed.from_env()
+        dist = from_env()
     try:
         if dist is not None:
             dist.init(dist.device(resolve_device(recipe.device)))

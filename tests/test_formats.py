@@ -129,8 +129,9 @@ def test_export_round_trip_and_a_refused_export_leaves_nothing(tiny_model, texts
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
     logits, _ = plain_logits(tmp_path / "stock", ids, tmp_path)
     assert (logits - bundled_logits(bundled, ids)).abs().max().item() < 1e-4
-    assert cli.main(["export", str(tmp_path / "stock"), str(tmp_path / "again")]) == 2  # already stock
-    assert not (tmp_path / "again").exists()
+    for fmt in ("auto", "bundled", "stock"):  # already stock: nothing to convert, and no mislabelled copy
+        assert cli.main(["export", str(tmp_path / "stock"), str(tmp_path / "again"), "--format", fmt]) == 2
+        assert not (tmp_path / "again").exists()
     pca = tmp_path / "pca"
     streamresize.compress(tiny_model, str(pca), method="pca", sparsity=0.25, dataset=[texts["calib"]], **CALIB)
     assert cli.main(["export", str(pca), str(tmp_path / "refused")]) == 2
