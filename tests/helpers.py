@@ -31,7 +31,7 @@ PRELOAD = ["numpy", "torch", "safetensors.torch", "transformers", "transformers.
            "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama",
            "transformers.models.mistral.modeling_mistral", "transformers.models.qwen2.modeling_qwen2",
            "transformers.models.qwen3.modeling_qwen3", "transformers.models.phi3.modeling_phi3",
-           "transformers.models.gemma3.modeling_gemma3", "ot", "yaml",
+           "transformers.models.gemma2.modeling_gemma2", "transformers.models.gemma3.modeling_gemma3", "ot", "yaml",
            "tqdm"]
 HF_ENV = {"HF_HUB_OFFLINE": "1"}
 

@@ -26,7 +26,7 @@ from streamresize.methods import registry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(7))
 STOCK_CLASS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama3": "LlamaForCausalLM",
-               "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+               "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 # Gemma 3 (text): a sliding-window layer (window 8, shorter than the 20- and 32-token inputs) beside a global
 # one, each with its rotary base; attention scaled by query_pre_attn_scalar 24 (not head_dim 16); tied.
 GEMMA3 = dict(architecture="gemma3", tie=True, sliding_window=8, query_pre_attn_scalar=24,
@@ -69,7 +69,9 @@ def models(tmp_path_factory, tokenizer):
              "llama3": dict(architecture="llama", shards=12, **LLAMA3), "qwen2-mha": dict(architecture="qwen2", num_key_value_heads=4),
              "qwen2-bf16": dict(architecture="qwen2", dtype=torch.bfloat16, seed=5),
              "phi3": dict(architecture="phi3", num_key_value_heads=4, partial_rotary_factor=0.75),
-             "gemma3": dict(**GEMMA3), "gemma3-bf16": dict(**GEMMA3, dtype=torch.bfloat16, seed=5)}
+             "gemma3": dict(**GEMMA3), "gemma3-bf16": dict(**GEMMA3, dtype=torch.bfloat16, seed=5),
+             # Gemma 2: the same layout without q/k norms, with soft-capping of attention (eager) and final logits
+             "gemma2": dict(GEMMA3, architecture="gemma2", attn_logit_softcapping=5.0, final_logit_softcapping=3.0)}
 
     def get(key):
         if key not in made:
@@ -88,7 +90,7 @@ def compress(model, out, **options):
 
 @pytest.mark.parametrize("key,method", [(key, method) for key in ("qwen2", "qwen3", "llama3", "phi3")
                                         for method in ("pca", "prune", "dotresize")]
-                         + [("gemma3", "prune"), ("gemma3", "dotresize")])
+                         + [("gemma3", "prune"), ("gemma3", "dotresize"), ("gemma2", "prune")])
 def test_sparsity_zero_reproduces_the_dense_logits_in_stock_transformers(models, texts, tmp_path, key, method):
     model = models(key)
     summary = compress(model, tmp_path / "out", method=method, sparsity=0.0, dataset=texts["calib"])
@@ -100,7 +102,7 @@ def test_sparsity_zero_reproduces_the_dense_logits_in_stock_transformers(models,
 
 @pytest.mark.parametrize("key,heads", [("qwen2", 0.5), ("qwen3", 0.5), ("llama3", 0.5), ("qwen2-mha", 0.5),
                                        ("qwen2-bf16", 0.5), ("qwen3", 0.0), ("phi3", 0.5), ("gemma3", 0.5),
-                                       ("gemma3-bf16", 0.5)])
+                                       ("gemma3-bf16", 0.5), ("gemma2", 0.5)])
 def test_mlp_and_head_reduction_is_stock_with_the_recorded_widths_and_the_bundled_logits(models, texts, tmp_path,
                                                                                           key, heads):
     model = models(key)
@@ -230,10 +232,12 @@ def test_phi3_keeps_its_fused_tensors(models, texts, tmp_path, save_format):
 # ---- Gemma 3: norms kept, residual whole ---------------------------------------------------------------
 
 
-def test_gemma3_norms_are_kept_and_the_bundled_code_computes_the_dense_model(models, texts, tmp_path):
+@pytest.mark.parametrize("key", ["gemma3", "gemma2"])
+def test_gemma_norms_are_kept_and_the_bundled_code_computes_the_dense_model(models, texts, tmp_path, key):
     """At sparsity 0 the bundled output (our KeptNormDecoderLayer, scaled embedding, a rotary per layer type,
-    sliding masks) reproduces the dense logits; every norm is the source's, nothing folded into a reader."""
-    model = models("gemma3")
+    sliding masks, Gemma 2's soft-capping) reproduces the dense logits; every norm is the source's, nothing
+    folded into a reader."""
+    model = models(key)
     compress(model, tmp_path / "out", method="prune", sparsity=0.0, save_format="bundled", dataset=texts["calib"])
     assert (bundled_logits(tmp_path / "out", IDS) - dense_logits(model, IDS)).abs().max().item() < 1e-4
     source, out = tensors(model), tensors(tmp_path / "out")

@@ -39,7 +39,7 @@ def make_tokenizer(texts_path):
 
 # family (arch.FAMILIES) -> transformers config and model classes of its tiny test models
 TINY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-                "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
                 "phi3": ("Phi3Config", "Phi3ForCausalLM")}
 

@@ -5,7 +5,7 @@ import importlib
 
 from ..errors import StreamResizeError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 def specs():

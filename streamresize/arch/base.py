@@ -72,6 +72,9 @@ class ArchSpec:
     post_norms: tuple = ()
     embedding_scale: bool = False  # the embedding output is multiplied by sqrt(hidden_size) (Gemma)
     model_type: str = ""  # config.json's model_type of the stock output (default: the family name)
+    # The attention implementation the engine computes blocks with: eager where sdpa cannot compute the
+    # family's attention (Gemma 2's logit soft-capping).
+    attention_implementation: str = "sdpa"
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     head: str = "lm_head.weight"

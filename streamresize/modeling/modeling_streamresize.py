@@ -20,6 +20,7 @@ the shards next to the weights; norms keep their weights, so with every index
 set full a block computes exactly what the dense block computes.
 """
 
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -45,6 +46,8 @@ FAMILY_MODULES = {
               "Qwen3RMSNorm"),
     "phi3": ("transformers.models.phi3.modeling_phi3", "Phi3Attention", "Phi3MLP", "Phi3RotaryEmbedding",
              "Phi3RMSNorm"),
+    "gemma2": ("transformers.models.gemma2.modeling_gemma2", "Gemma2Attention", "Gemma2MLP", "Gemma2RotaryEmbedding",
+               "Gemma2RMSNorm"),
     "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3Attention", "Gemma3MLP", "Gemma3RotaryEmbedding",
                "Gemma3RMSNorm"),
 }
@@ -160,6 +163,16 @@ def _install_fused(layer, config):
         setattr(layer.get_submodule(parent), name, _Stacked(layer.get_submodule(p) for p in parts))
 
 
+def eager_if_softcapped(config):
+    """The config attention is computed, and its masks made, with: a copy set to eager attention where the
+    family soft-caps attention logits (Gemma 2), which sdpa cannot do, as the family's own model requires."""
+    if getattr(config, "attn_logit_softcapping", None) is None or config._attn_implementation == "eager":
+        return config
+    eager = copy.copy(config)
+    eager._attn_implementation = "eager"
+    return eager
+
+
 def layer_type(config, layer_idx):
     """Block `layer_idx`'s attention type (config.layer_types: "full_attention", "sliding_attention"), or
     None for families without per-layer types."""
@@ -265,7 +278,7 @@ class KeptNormDecoderLayer(nn.Module):
         d, d_ff = config.hidden_size, config.intermediate(layer_idx)
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         bias = config.has_bias
-        self.self_attn = attention_cls(config, layer_idx)
+        self.self_attn = attention_cls(eager_if_softcapped(config), layer_idx)
         self.self_attn.q_proj = _linear(d, heads * head_dim, bias("self_attn.q_proj"))
         self.self_attn.k_proj = _linear(d, kv_heads * head_dim, bias("self_attn.k_proj"))
         self.self_attn.v_proj = _linear(d, kv_heads * head_dim, bias("self_attn.v_proj"))
@@ -407,8 +420,9 @@ class StreamResizeModel(StreamResizePreTrainedModel):
             cache = DynamicCache(config=self.config)
         types = [layer_type(self.config, i) for i in range(len(self.layers))]
         by_type = {}
+        mask_config = eager_if_softcapped(self.config)
         for kind in dict.fromkeys(types):  # one mask and rotary per attention type, as the family makes them
-            by_type[kind] = attention_inputs(self.config, self.rotary_emb, inputs_embeds, attention_mask,
+            by_type[kind] = attention_inputs(mask_config, self.rotary_emb, inputs_embeds, attention_mask,
                                              position_ids, cache, layer_type=kind)
             by_type[kind][self.attention_cache_keyword] = cache
         hidden_states = inputs_embeds
