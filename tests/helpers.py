@@ -258,3 +258,14 @@ def tree_digest(path, exclude=()):
 def read_config(out):
     with open(os.path.join(out, "config.json")) as f:
         return json.load(f)
+
+
+# The first lines of a script that loads an output where streamresize cannot be imported (what a user
+# without it has): any import of it raises.
+BLOCK_STREAMRESIZE = """import sys
+class BlockStreamresize:
+    def find_spec(self, name, path=None, target=None):
+        if name == "streamresize" or name.startswith("streamresize."):
+            raise ImportError("streamresize is blocked in this process")
+sys.meta_path.insert(0, BlockStreamresize())
+"""

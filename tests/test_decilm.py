@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import CALIB, cli, run_script
+from helpers import BLOCK_STREAMRESIZE, CALIB, cli, run_script
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -108,13 +108,7 @@ def bundled_outputs(tmp_path_factory, tokenizer, texts):
     return outputs
 
 
-PLAIN_LOAD = textwrap.dedent('''
-    import sys
-    class BlockStreamresize:
-        def find_spec(self, name, path=None, target=None):
-            if name == "streamresize" or name.startswith("streamresize."):
-                raise ImportError("streamresize is blocked in this process")
-    sys.meta_path.insert(0, BlockStreamresize())
+PLAIN_LOAD = BLOCK_STREAMRESIZE + textwrap.dedent('''
     import numpy as np, torch
     from transformers import AutoModelForCausalLM
     model_dir, ids_path, out_dir = sys.argv[1:4]

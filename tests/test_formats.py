@@ -8,20 +8,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import CALIB, run_script
+from helpers import BLOCK_STREAMRESIZE, CALIB, run_script
 from tiny import make_tiny_llama
 
 import streamresize
 from streamresize import cli
 from streamresize.errors import StreamResizeError
 
-PLAIN_LOAD = textwrap.dedent('''
-    import sys
-    class BlockStreamresize:
-        def find_spec(self, name, path=None, target=None):
-            if name == "streamresize" or name.startswith("streamresize."):
-                raise ImportError("streamresize is blocked in this process")
-    sys.meta_path.insert(0, BlockStreamresize())
+PLAIN_LOAD = BLOCK_STREAMRESIZE + textwrap.dedent('''
     import numpy as np, torch
     from transformers import AutoModelForCausalLM
     model_dir, ids_path, out_path = sys.argv[1:4]
