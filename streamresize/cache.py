@@ -49,14 +49,16 @@ class ActivationCache:
                 self._memory[name] = torch.empty(self.bytes // 4, dtype=torch.float32, device=self._where,
                                                  pin_memory=location == "pinned")
 
-    def add_file(self, name):
-        """One more full-size file beside the three (DISP keeps a sub-block's update in it), in the same
-        location; its contents live only within a block, so it is never part of the resume state."""
+    def add_file(self, name, resumable=False):
+        """One more full-size file beside the three, in the same location. DISP keeps a sub-block's
+        update in one: its contents live only within a block. A `resumable` one (a paired stream such
+        as the dense model's hidden states) also keeps its file on disk, as the resume state."""
         path = self.path(name)
         if self.location != "disk":
             self._memory[name] = torch.empty(self.bytes // 4, dtype=torch.float32, device=self._where,
                                              pin_memory=self.location == "pinned")
-        elif not os.path.exists(path) or os.path.getsize(path) != self.bytes:
+        if (self.location == "disk" or resumable) and (not os.path.exists(path) or
+                                                       os.path.getsize(path) != self.bytes):
             with open(path, "wb") as f:
                 f.truncate(self.bytes)
 

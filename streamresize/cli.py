@@ -144,8 +144,12 @@ def _run_options(p):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default: the input's)")
     p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype of the block's own computation; statistics are always float64 (default: "
+                   help="dtype of the block's own computation; statistics are summed in float64 (default: "
                         "bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--statistics-products", choices=["auto", "float64", "float32"],
+                   help="precision of each micro-batch's Gram product (x xᵀ) before it is summed in float64: "
+                        "float32 (TF32 off) is what a consumer GPU is fast at; float64 is exact (default: float32 "
+                        "on a GPU, float64 on the CPU)")
     p.add_argument("--work-dir", help="scratch directory (default: OUT_DIR.streamresize-work beside the output)")
     p.add_argument("--max-gpu-memory", metavar="SIZE",
                    help="GPU memory the run may use, e.g. 20GiB or 12GB (default: the GPU's total); sets the "
@@ -208,7 +212,7 @@ def _report_parser(sub):
 
 RECIPE_OPTIONS = ("method", "sparsity", "mlp_sparsity", "attention_sparsity", "target_size", "mlp_ratio", "mlp_method", "basis",
                   "allocation", "head", "dataset", "num_calibration_samples", "max_seq_length", "batch_size",
-                  "device", "seed", "width_multiple", "dtype", "compute_dtype")
+                  "device", "seed", "width_multiple", "dtype", "compute_dtype", "statistics_products")
 
 
 def parse_options(pairs):

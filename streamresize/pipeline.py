@@ -36,7 +36,8 @@ from .methods import registry
 from .modeling.modeling_streamresize import MODEL_TYPE, family_classes
 from .placement import MemoryOptions
 from .plan import check_disk, make_plan
-from .precision import exact_float32_matmuls, resolve_compute_dtype
+from .precision import exact_float32_matmuls, resolve_compute_dtype, resolve_statistics_products
+from .statistics import products
 from .prefetch import Prefetcher
 from .runtime import crash_point, peak_memory_mb, resolve_device, set_step, stop_requested  # noqa: F401  (resolve_device: for the CLI)
 from .version import __version__
@@ -102,6 +103,7 @@ class Run:
                 raise StreamResizeError("--allocation learned trains on the whole model in one process; it cannot "
                                         "run under torchrun (use --allocation global, or a single process)")
         self.compute_dtype = resolve_compute_dtype(recipe.compute_dtype, self.device)
+        self.statistics_products = resolve_statistics_products(recipe.statistics_products, self.device)
         self.out_dtype = self.reader.dtype if recipe.dtype == "auto" else DTYPES[recipe.dtype]
         self.method = registry.build(recipe.method, self)
         if self.method.fixed_compute_dtype is not None:
@@ -242,8 +244,12 @@ class Run:
                                      placement.cache, self.device, placement.batch_size)
         for name in self.method.cache_files:
             self.cache.add_file(name)
-        if self.manifest.state["current_cache"]:
-            self.cache.restore(self.manifest.state["current_cache"])
+        for name in self.paired("hidden_a") + self.paired("hidden_b"):
+            self.cache.add_file(name, resumable=True)
+        current = self.manifest.state["current_cache"]
+        if current:
+            for name in [current, *self.paired(current)]:
+                self.cache.restore(name)
         self.prefetcher = Prefetcher(self.model_dir, self._group_names, keep=placement.prefetch == "memory",
                                      pin=self.device.type == "cuda", enabled=placement.prefetch != "off")
         if self.device.type == "cuda":
@@ -387,6 +393,10 @@ class Run:
         self.all_reduce(total)
         return int(total.item())
 
+    def paired(self, cache_name):
+        """The files of the method's paired streams that go with `cache_name` (hidden_a -> dense_a)."""
+        return [cache_name.replace("hidden", stream, 1) for stream in self.method.paired_streams]
+
     def work_path(self, name):
         return os.path.join(self.work_dir, name)
 
@@ -419,10 +429,12 @@ class Run:
         self._step_started = now
         self.manifest.update(step + 1, next_cache, {shard_name: sha}, {k: shard_name for k in tensors}, entry)
         state = self.manifest.serialize()
-        persist = self.cache.persist_later(next_cache, next_width)
+        persist = [self.cache.persist_later(next_cache, next_width)]
+        persist += [self.cache.persist_later(name, self.hidden) for name in self.paired(next_cache)]
 
         def commit():  # in the background, while the next block computes
-            persist()  # an in-memory cache's file: the resume state
+            for write in persist:  # an in-memory cache's files: the resume state
+                write()
             self.manifest.save(state)
             for path in obsolete:
                 if os.path.exists(path):
@@ -444,6 +456,8 @@ class Run:
         crash_point(step, "committing")
         self.committer.join()
         self.cache.persist_later(next_cache, next_width)()
+        for name in self.paired(next_cache):
+            self.cache.persist_later(name, self.hidden)()
         write_progress(self.work_dir, {"next_block": step + 1, "cache": next_cache, "rank": dist.rank,
                                        "world_size": dist.world, "signature": self._signature_digest})
         crash_point(step, "persisted")
@@ -474,7 +488,8 @@ class Run:
         self.monitor = MemoryMonitor().start()
         self.committer = BackgroundCommit()
         try:
-            return self._run(start)
+            with products(self.statistics_products):
+                return self._run(start)
         except torch.cuda.OutOfMemoryError as e:
             raise StreamResizeError(self._out_of_memory_message(e)) from e
         finally:
@@ -621,6 +636,7 @@ class Run:
                    "peak_rss_mb": rss, "peak_gpu_mb": gpu, "device": str(self.device),
                    **self.monitor.run_peaks(), "placement": self.plan.placement.as_dict(),
                    "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+                   "statistics_products": str(self.statistics_products).replace("torch.", ""),
                    "steps": [{k: v for k, v in step.items() if k != "points"} for step in steps]}
         atomic_write_json(os.path.join(self.out_dir, RUN_LOG), run_log)
         card = (lambda: write_bundled_card(self.out_dir, config, weight_map)) if self.publish_dir == self.out_dir else None

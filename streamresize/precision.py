@@ -27,6 +27,16 @@ def resolve_compute_dtype(name, device):
     return NAMES[name]
 
 
+def resolve_statistics_products(name, device):
+    """auto: float32 products on a GPU (consumer GPUs run float64 matmuls at about 1/64 of their float32
+    rate), float64 on the CPU (where it costs about 2x, and is exact)."""
+    if name in (None, "auto"):
+        return torch.float32 if device.type == "cuda" else torch.float64
+    if name not in ("float32", "float64"):
+        raise StreamResizeError(f"--statistics-products {name}: choose auto, float32 or float64")
+    return torch.float32 if name == "float32" else torch.float64
+
+
 def exact_float32_matmuls():
     """No TF32: float32 products of hidden states with bases feed the float64 statistics."""
     torch.set_float32_matmul_precision("highest")

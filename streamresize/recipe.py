@@ -33,6 +33,8 @@ class Recipe:
     width_multiple: int | str = "auto"  # auto: GPU-friendly (methods.auto_multiple), 256 for decilm MLP widths
     dtype: str = "auto"  # output dtype: auto = the input checkpoint's
     compute_dtype: str = "auto"  # the block's own compute: auto = bfloat16 on a GPU, float32 on the CPU
+    # each micro-batch's Gram product before it is summed in float64: auto = float32 on a GPU, float64 on the CPU
+    statistics_products: str = "auto"
     method_options: dict = field(default_factory=dict)
 
     def resolved(self):
@@ -121,7 +123,8 @@ OPTIONAL_FIELDS = ("target_size",)
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"mlp_method": ("auto", "prune", "dotresize"), "basis": ("per-point", "shared"),
            "allocation": ("uniform", "global", "learned"), "head": ("auto", "tied", "untied"),
-           "dtype": DTYPE_CHOICES, "compute_dtype": DTYPE_CHOICES}
+           "dtype": DTYPE_CHOICES, "compute_dtype": DTYPE_CHOICES,
+           "statistics_products": ("auto", "float64", "float32")}
 
 
 def _flag(name):

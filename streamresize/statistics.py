@@ -1,9 +1,32 @@
 """Second-order statistics of a transform point, accumulated on the device in float64."""
 
+import contextlib
 import os
 
 import numpy as np
 import torch
+
+
+_PRODUCTS = [torch.float64]  # the run's choice (pipeline.Run sets it with `products`)
+
+
+@contextlib.contextmanager
+def products(dtype):
+    """Within this block, Gram products of micro-batches are formed in `dtype` (float32: TF32 must be
+    off) and summed in float64."""
+    saved = _PRODUCTS[0]
+    _PRODUCTS[0] = dtype
+    try:
+        yield
+    finally:
+        _PRODUCTS[0] = saved
+
+
+def gram_product(x, y=None):
+    """xᵀ y (x, y: tokens x n / tokens x m) in the run's product precision, returned as float64."""
+    dtype = _PRODUCTS[0]
+    x = x.to(dtype)
+    return (x.T @ (x if y is None else y.to(dtype))).double()
 
 
 class Moments:
@@ -22,10 +45,11 @@ class Moments:
 
     def add(self, x, mask=None):
         """Add a micro-batch (..., d); `mask` (...) excludes padding tokens."""
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1])
         if mask is not None:
             x = x[mask.reshape(-1).bool()]
-        self.gram += x.T @ x
+        self.gram += gram_product(x)
+        x = x.double()
         self.sum += x.sum(0)
         self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
@@ -74,6 +98,12 @@ class Moments:
         for file in self._files:
             if os.path.exists(file):
                 os.remove(file)
+
+
+def scratch_matrix(path, shape):
+    """A float64 work matrix in a memory-mapped file (its pages are file-backed: under memory pressure
+    the kernel writes them back and drops them instead of the process running out of memory)."""
+    return torch.from_numpy(np.memmap(path, dtype=np.float64, mode="w+", shape=tuple(shape)))
 
 
 def relative_error(gram, basis):

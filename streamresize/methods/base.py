@@ -16,6 +16,9 @@ class WidthMethod:
     OPTIONS: ClassVar[dict] = {}  # key -> options.Option
     SPARSITY: ClassVar[str] = ""  # what --sparsity means for this method (`streamresize methods`)
     cache_files: ClassVar[tuple] = ()  # activation-cache files beyond hidden_a, hidden_b and scratch
+    # Streams that alternate with hidden_a / hidden_b (`dense`: dense_a / dense_b, full width) and are
+    # committed and resumed with them; set per run in __init__.
+    paired_streams: tuple = ()
     fixed_compute_dtype: ClassVar[object] = None  # a torch dtype the method always computes in, or None
 
     def __init__(self, run):

@@ -5,36 +5,40 @@ import torch
 
 from ..errors import StreamResizeError
 from .dotresize import merge_map, options_with_defaults
-from .obs import obs_order
+from .obs import obs_order, solve_spd
 from .support import Frame, support_frame
 
 OBS_DAMP = 0.01  # H + 0.01 x mean(diag H) I for the selection only; the final refit is undamped
 OBS_UPDATES = 64  # updates of H⁻¹ per MLP at most (each O(d_ff²)): neurons are removed in batches beyond
 
 
-def choose_neurons(stats, width, kind, down, batch=0):
+def choose_neurons(stats, width, kind, down, batch=0, scratch=None):
     """The kept neurons' frame. `obs`: greedy structured OBS on down_proj's columns (the block's
     output error with the rest refitted); otherwise a score (norm, variance, mean_abs) times the
-    neuron's down_proj column norm."""
+    neuron's down_proj column norm. `scratch(name, shape)`: float64 buffers for the d_ff² solve."""
     if kind != "obs":
         return support_frame(stats, width, kind, weight_norms=down.double().norm(dim=0))
     remove = down.shape[1] - width
     batch = batch or max(1, -(-remove // OBS_UPDATES))
-    order = obs_order(stats.gram, down, remove=remove, damp=OBS_DAMP, batch=batch)
+    n = down.shape[1]
+    order = obs_order(stats.gram, down, remove=remove, damp=OBS_DAMP, batch=batch,
+                      buffer=scratch("obs-inverse", (n, n)) if scratch else None)
     keep = torch.tensor(order.kept(down.shape[1], remove), device=stats.gram.device)
     return Frame(None, stats.gram, stats.sum, stats.count, keep)
 
 
-def narrow_mlp(stats, width, method, options, readers, down):
+def narrow_mlp(stats, width, method, options, readers, down, scratch=None):
     """Return (readers', down', info): readers (gate, up) keep rows S; down_proj (d x d_ff) becomes d x k.
 
-    stats: moments of the intermediate activations u = act(gate x) * up x.
+    stats: moments of the intermediate activations u = act(gate x) * up x. scratch(name, shape): where
+    the d_ff² and k² float64 work matrices live (memory-mapped files, so a 7B MLP's solve stays out of
+    anonymous memory); None: in memory.
     """
     o = options_with_defaults(options)
     support_kind = options.get("mlp_support", "auto")
     if support_kind == "auto":
         support_kind = o["support"] if o["support"] != "pca" else "norm"  # neurons cannot be rotated
-    frame = choose_neurons(stats, width, support_kind, down, int(options.get("obs_batch", 0)))
+    frame = choose_neurons(stats, width, support_kind, down, int(options.get("obs_batch", 0)), scratch)
     keep = frame.support
     down = down.double()
     reader = options.get("mlp_reader", "ot")
@@ -46,11 +50,8 @@ def narrow_mlp(stats, width, method, options, readers, down):
         merged = down @ transport
         info.update(info_ot)
     elif method == "dotresize" and reader == "lstsq":
-        g = stats.gram
-        inner = g[keep][:, keep]
-        inner = inner + 1e-8 * inner.diagonal().mean().clamp_min(1e-30) * torch.eye(len(keep), dtype=g.dtype,
-                                                                                      device=g.device)
-        merged = down @ torch.linalg.solve(inner, g[keep]).T
+        merged = refit_kept(stats.gram, down, keep, scratch("refit-inner", (len(keep), len(keep))) if scratch
+                            else None)
     else:
         raise StreamResizeError(f"unknown MLP narrowing '{method}' / mlp_reader '{reader}'")
     info["local_error"] = output_error(stats.gram, down, keep, merged)
@@ -58,10 +59,22 @@ def narrow_mlp(stats, width, method, options, readers, down):
     return {role: w[keep] for role, w in readers.items()}, merged, info
 
 
+def refit_kept(gram, down, keep, out=None, rows=1024):
+    """D' = D H[:, S] (H_SS + εI)⁻¹: the least-squares refit of down_proj on the kept neurons S. H_SS is
+    gathered into `out` (k x k) a block of rows at a time and factored in place, so besides it only
+    d x d_ff matrices are made."""
+    g, k = gram, len(keep)
+    inner = torch.empty(k, k, dtype=torch.float64, device=g.device) if out is None else out
+    for r0 in range(0, k, rows):
+        inner[r0:r0 + rows] = g[keep[r0:r0 + rows]][:, keep]
+    inner.diagonal().add_(1e-8 * float(inner.diagonal().mean().clamp_min(1e-30)))
+    cross = (down @ g)[:, keep]  # d x k
+    return solve_spd(inner, cross.T).T.to(g.device)
+
+
 def output_error(gram, down, keep, merged):
     """‖U Dᵀ − U_S D'ᵀ‖ / ‖U Dᵀ‖ of the MLP output, from the activation moments alone."""
-    approx = torch.zeros_like(down)
-    approx[:, keep] = merged
-    diff = down - approx
-    total = torch.trace(down @ gram @ down.T)
-    return float((torch.trace(diff @ gram @ diff.T) / total).clamp_min(0).sqrt()) if total > 0 else 0.0
+    diff = down.clone()
+    diff[:, keep] -= merged
+    total = float(((down @ gram) * down).sum())
+    return float(max(float(((diff @ gram) * diff).sum()) / total, 0.0) ** 0.5) if total > 0 else 0.0

@@ -22,7 +22,7 @@ from ..plan import MethodFootprint
 from ..modeling.modeling_streamresize import StreamResizeConfig, attention_inputs, decoder_layer_class, layer_type
 from ..precision import compute_in
 from ..runtime import crash_point, fault_point, peak_memory_mb
-from ..statistics import Moments, pca_error, relative_error
+from ..statistics import Moments, gram_product, pca_error, relative_error, scratch_matrix
 from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
 from ..writer import atomic_write_json, save_tensors
 from . import dotresize, pca, prune, target_width, width_multiples
@@ -30,7 +30,7 @@ from .base import WidthMethod
 from .allocation import global_widths
 from .heads import HeadLayout, select_heads
 from .neurons import OBS_DAMP, narrow_mlp
-from .obs import obs_order
+from .obs import obs_order, solve_spd
 from .options import Option
 
 log = logging.getLogger("streamresize")
@@ -63,6 +63,12 @@ CURVE_SAMPLES = Option(16, int, "--allocation global: calibration sequences the 
 CURVE_SCALE = Option("residual", str, "--allocation global: how layers' errors are compared: residual (the MLP "
                      "output's error per token relative to the residual it is added to) or absolute",
                      choices=("residual", "absolute"), recorded=False)
+MLP_TARGET = Option("prefix", str, "what down_proj is refitted to when MLP neurons go: prefix (the dense MLP's "
+                    "output on the compressed prefix's inputs: each block on its own) or dense (the dense model's "
+                    "block output, from a second cached stream: the refit also corrects the error that reaches the "
+                    "block)", choices=("prefix", "dense"), recorded=False)
+TARGET_MIX = Option(1.0, float, "mlp_target=dense: weight of the dense target against the prefix one (1: dense "
+                    "only)", minimum=0.0, recorded=False)
 MLP_READER = Option("ot", str, "how merged MLP neurons are folded into down_proj: ot (the transport map) or lstsq "
                     "(its least-squares refit)", choices=("ot", "lstsq"))
 assert set(dotresize.DEFAULTS) == set(TRANSPORT) | {"reader", "mlp_reader"}
@@ -77,7 +83,7 @@ class SlicingMethod(WidthMethod):
     @classmethod
     def option_spec(cls, recipe):
         spec = {**cls.OPTIONS, "mlp_support": MLP_SUPPORT, "obs_batch": OBS_BATCH, "curve_samples": CURVE_SAMPLES,
-                "curve_scale": CURVE_SCALE}
+                "curve_scale": CURVE_SCALE, "mlp_target": MLP_TARGET, "target_mix": TARGET_MIX}
         if cls.mlp_method_for(recipe) == "dotresize":  # the MLP neurons are merged by OT: its options apply
             spec = {**{k: Option(o.default, o.kind, o.help, o.choices, o.minimum, o.positive, recorded=False)
                        for k, o in TRANSPORT.items()}, "mlp_reader": Option(
@@ -117,6 +123,26 @@ class SlicingMethod(WidthMethod):
             raise StreamResizeError("--attention-sparsity with --basis shared is not supported yet (the shared basis "
                                     "is fitted on the dense attention); use --basis per-point")
         self._choose_widths()
+        self.dense_target = self.options.get("mlp_target", MLP_TARGET.default) == "dense"
+        if self.dense_target:
+            self._check_dense_target()
+            self.paired_streams = ("dense",)
+
+    def _check_dense_target(self):
+        """The dense stream is compared with the compressed one point by point: both must be the
+        residual whole, in its own basis, and the MLP refitted by least squares."""
+        run, r = self.run, self.run.recipe
+        problems = []
+        if any(w != run.hidden for w in self.widths) or r.basis != "per-point":
+            problems.append("the residual kept whole (--sparsity 0, --basis per-point)")
+        if self.options.get("rotate_full_width"):
+            problems.append("no rotate_full_width")
+        if self.mlp_method != "dotresize" or self.options.get("mlp_reader") != "lstsq":
+            problems.append("the MLP refitted by least squares (--method dotresize, mlp_reader=lstsq)")
+        if not 0.0 <= float(self.options.get("target_mix", 1.0)) <= 1.0:
+            problems.append("target_mix between 0 and 1")
+        if problems:
+            raise StreamResizeError("method option mlp_target=dense needs " + "; ".join(problems))
 
     def _choose_widths(self):
         """Uniform widths from --sparsity / --mlp-sparsity, or from --target-size (the parameter budget)."""
@@ -262,13 +288,16 @@ class SlicingMethod(WidthMethod):
         run = self.run
         return attention_inputs(run.block_config, run.rotary, x, layer_type=layer_type(run.block_config, i))
 
-    def _embed_calibration(self, embedding, view):
-        """Embedding output of every calibration sequence into `view`; returns point 0's statistics."""
+    def _embed_calibration(self, embedding, view, dense_view=None):
+        """Embedding output of every calibration sequence into `view` (and `dense_view`, the dense stream's
+        start); returns point 0's statistics."""
         run = self.run
         stats = self._new_stats()
         for rows in run.cache.batches(run.recipe.batch_size):
             x = self._embed(embedding, rows)
             run.cache.write(view, rows, x)
+            if dense_view is not None:
+                run.cache.write(dense_view, rows, x)
             stats.add(x)
             fault_point("accumulating")
         view.flush()
@@ -283,7 +312,10 @@ class SlicingMethod(WidthMethod):
         crash_point(-1, "start")
         progress.set_postfix_str("embedding: calibrating")
         embedding = run.weight(run.family.embedding)
-        stats = self._embed_calibration(embedding, run.cache.view("hidden_a", run.hidden))
+        dense_view = run.cache.view(run.paired("hidden_a")[0], run.hidden) if self.dense_target else None
+        stats = self._embed_calibration(embedding, run.cache.view("hidden_a", run.hidden), dense_view)
+        if dense_view is not None:
+            dense_view.flush()
         progress.set_postfix_str("embedding: solving")
         basis, reader, point = self._solve_point(stats, 0, "hidden_a")
         progress.set_postfix_str("embedding: propagating")
@@ -342,9 +374,14 @@ class SlicingMethod(WidthMethod):
         run.set_weights(layer, mlp_readers)
         basis_attn_f = basis_attn.float()
         mlp_point = None
+        dense_out = None
+        if self.dense_target:
+            progress.set_postfix_str(f"block {i}: dense block")
+            dense_out = self._dense_pass(i, source, target)
         if self.intermediate_sizes[i] < run.source_config["intermediate_size"]:
             progress.set_postfix_str(f"block {i}: narrowing MLP neurons")
-            mlp_readers, w_down, mlp_point = self._narrow_mlp(i, layer, scratch, basis_attn_f, mlp_readers, w_down)
+            mlp_readers, w_down, mlp_point = self._narrow_mlp(i, layer, scratch, basis_attn_f, mlp_readers, w_down,
+                                                              dense_out)
         mlp_readers = run.as_output(mlp_readers)
 
         # Pass B: MLP on the narrowed post-attention residual; output-point signals -> target.
@@ -352,14 +389,22 @@ class SlicingMethod(WidthMethod):
         view_out = run.cache.view(target, run.hidden)
         stats = self._new_stats()
         basis_attn_t = basis_attn_f.T.contiguous()
+        drift = torch.zeros(2, dtype=torch.float64, device=run.device)  # ‖y − y_dense‖², ‖y_dense‖²
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
                 narrowed = run.cache.read(scratch, rows, run.device) @ basis_attn_f
                 signal = narrowed @ basis_attn_t + layer.mlp_output(layer.mlp(layer.mlp_input(narrowed)))
                 run.cache.write(view_out, rows, signal)
                 stats.add(signal)
+                if dense_out is not None:
+                    y = run.cache.read(dense_out, rows, run.device).double()
+                    drift += torch.stack([(signal.double() - y).pow(2).sum(), y.pow(2).sum()])
                 fault_point("accumulating")
         view_out.flush()
+        dense_error = None
+        if dense_out is not None:
+            drift = run.reduce_tensors(drift)[0]
+            dense_error = float((drift[0] / drift[1].clamp_min(1e-300)).sqrt())
         progress.set_postfix_str(f"block {i}: solving MLP point")
         basis_out, reader_out, point_mlp = self._solve_point(stats, 2 * i + 2, target)
         crash_point(i, "propagating")
@@ -380,6 +425,7 @@ class SlicingMethod(WidthMethod):
         rss, gpu = peak_memory_mb(run.device)
         entry = {"step": f"block {i}", "block": i, "points": [point_attn, point_mlp], "mlp": mlp_point,
                  **({"attention": heads_point} if heads_point else {}),
+                 **({"dense_error": dense_error} if dense_error is not None else {}),
                  "seconds": time.time() - start, "peak_rss_mb": rss, "peak_gpu_mb": gpu}
         self._commit(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, reader_out, entry)
         mlp_text = (f"MLP {self.intermediate_sizes[i]} of {run.source_config['intermediate_size']} "
@@ -387,7 +433,8 @@ class SlicingMethod(WidthMethod):
                     if mlp_point else f"MLP {self.intermediate_sizes[i]}")
         log.info("block %d/%d: widths %d->%d->%d, %s, local error attn %.4f mlp %.4f (pca %.4f %.4f), "
                  "%.1fs (waited %.1fs on reads), peak RSS %.0f MB (anonymous %.0f, file %.0f)%s", i + 1,
-                 run.num_layers, k_in, point_attn["width"], point_mlp["width"], mlp_text,
+                 run.num_layers, k_in, point_attn["width"], point_mlp["width"],
+                 mlp_text + (f", output off the dense model's by {dense_error:.4f}" if dense_error is not None else ""),
                  point_attn["local_error"], point_mlp["local_error"], point_attn["pca_error"], point_mlp["pca_error"],
                  entry["seconds"], entry["read_wait_seconds"], rss, entry["peak_anon_mb"], entry["peak_file_mb"],
                  f", GPU {gpu:.0f} MB" if gpu else "")
@@ -479,7 +526,7 @@ class SlicingMethod(WidthMethod):
                     a = a.reshape(-1, width).double()
                     weight = (1.0 / y.reshape(-1, d).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
                               if relative else 1.0)
-                    gram += (a * weight).T @ a
+                    gram += gram_product(a * weight, a)
                     tokens += a.shape[0]
                     fault_point("accumulating")
                 gram = run.reduce_tensors(gram)[0] / run.reduce_count(tokens)
@@ -574,19 +621,51 @@ class SlicingMethod(WidthMethod):
                  i, info["heads"], layout.heads, info["kept"], info["local_error"], info["prune_error"])
         return readers, w_o.float(), info, extras
 
-    def _narrow_mlp(self, i, layer, scratch, basis_attn_f, mlp_readers, w_down):
-        """One pass for the intermediate activations on the narrowed prefix, then keep k of d_ff neurons."""
+    def _dense_pass(self, i, source, target):
+        """Block i of the dense model on the dense stream (dense_a -> dense_b or back, in step with the
+        compressed stream): the target the MLP refit aims at. Returns the output's view."""
         run = self.run
-        stats = Moments(w_down.shape[1], run.device)
+        layer, _ = self._dense_layer(i)
+        view_in = run.cache.view(run.paired(source)[0], run.hidden)
+        view_out = run.cache.view(run.paired(target)[0], run.hidden)
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
-                h = layer.mlp_input(run.cache.read(scratch, rows, run.device) @ basis_attn_f)
-                stats.add(run.family.mlp_hidden(layer.mlp, h))
+                x = run.cache.read(view_in, rows, run.device)
+                h = layer.attention_residual(x, **self._attention_inputs(i, x))
+                run.cache.write(view_out, rows, layer.mlp_residual(h))
+                fault_point("accumulating")
+        view_out.flush()
+        return view_out
+
+    def _narrow_mlp(self, i, layer, scratch, basis_attn_f, mlp_readers, w_down, dense_out=None):
+        """One pass for the intermediate activations on the narrowed prefix, then keep k of d_ff neurons.
+        With `dense_out` (the dense model's block output) down_proj is fitted to what takes the block's
+        output there: y_dense − h, h the compressed residual the MLP adds to."""
+        run = self.run
+        stats = Moments(w_down.shape[1], run.device)
+        cross = None if dense_out is None else torch.zeros(w_down.shape, dtype=torch.float64, device=run.device)
+        with torch.no_grad():
+            for rows in run.cache.batches(run.recipe.batch_size):
+                residual = run.cache.read(scratch, rows, run.device) @ basis_attn_f
+                a = run.family.mlp_hidden(layer.mlp, layer.mlp_input(residual))
+                stats.add(a)
+                if cross is not None:
+                    wanted = run.cache.read(dense_out, rows, run.device).double() - residual.double()
+                    cross += gram_product(wanted.reshape(-1, wanted.shape[-1]), a.reshape(-1, a.shape[-1]))
         stats = run.reduce(stats)
         stats.offload(run.work_path(f"stats-mlp-{i}.f64"))
         stats.to(run.device)
+        work = None
+        if run.device.type == "cpu":  # a 7B MLP's d_ff² solve in file-backed pages, not anonymous memory
+            work = lambda name, shape: scratch_matrix(run.work_path(f"scratch-{name}.f64"), shape)  # noqa: E731
+        if cross is not None:
+            cross = run.reduce_tensors(cross)[0]
+            n = w_down.shape[1]
+            w_down = dense_target_weight(stats.gram, cross, w_down,
+                                         float(self.options.get("target_mix", TARGET_MIX.default)),
+                                         work("obs-inverse", (n, n)) if work else None)
         mlp_readers, w_down, info = narrow_mlp(stats, self.intermediate_sizes[i], self.mlp_method,
-                                               self.options, mlp_readers, w_down)
+                                               self.options, mlp_readers, w_down, work)
         fault_point("narrowed")
         stats.discard()
         run.set_weights(layer, {**mlp_readers, run.family.mlp_writer: w_down})
@@ -647,7 +726,7 @@ class SlicingMethod(WidthMethod):
             # global allocation decides per-block MLP widths in prepare(): plan for the widest, the source's
             widths=list(self.widths), intermediate_sizes=list(self.intermediate_sizes) if r.allocation != "global"
             else [run.source_config["intermediate_size"]] * run.num_layers, tied_head=self.tied_head,
-            cache_files=3, shortcuts=per_point and (not all(full) or bool(self.options.get("rotate_full_width"))),
+            cache_files=3 + 2 * len(self.paired_streams), shortcuts=per_point and (not all(full) or bool(self.options.get("rotate_full_width"))),
             rotated=[not (f or selection) for f in full],
             eigh_points=[not f and per_point and (self.name == "pca" or self.options.get("support") == "pca")
                          for f in full],
@@ -679,3 +758,16 @@ class DotResizeMethod(SlicingMethod):
                "mlp_reader": Option("lstsq", str, MLP_READER.help, MLP_READER.choices),
                "rotate_full_width": ROTATE_FULL_WIDTH}
     solve = staticmethod(dotresize.solve)
+
+
+def dense_target_weight(gram, cross, down, mix, buffer=None):
+    """The d x d_ff writer whose output, on these activations, is the least-squares projection of the
+    wanted target t = mix·(y_dense − h) + (1 − mix)·W a. Since any kept-set refit lies in the same
+    span, ‖W_S a_S − t‖² = ‖W_S a_S − W* a‖² + const: OBS selection and the refit against W* give
+    the optimum against t. `gram` = Σ a aᵀ, `cross` = Σ (y_dense − h) aᵀ over the same tokens (float64)."""
+    down = down.double()
+    wanted = mix * cross + (1.0 - mix) * (down @ gram)
+    inner = torch.empty_like(gram, dtype=torch.float64) if buffer is None else buffer
+    inner.copy_(gram)
+    inner.diagonal().add_(1e-6 * float(gram.diagonal().mean().clamp_min(1e-30)))
+    return solve_spd(inner, wanted.T).T.to(gram.device)

@@ -1,0 +1,96 @@
+"""`-o mlp_target=dense`: down_proj refitted to the dense model's block output, from a second cached
+stream that is committed and resumed with the compressed one (issue 12, item 5)."""
+
+import pytest
+import torch
+
+import streamresize
+from helpers import CALIB, cli, compress_args, dense_logits, tree_digest
+from streamresize.calibration import calibration_ids
+from streamresize.methods.obs import obs_order, refit
+from streamresize.methods.slicing import dense_target_weight
+
+OPTIONS = ["mlp_support=obs", "mlp_reader=lstsq"]
+
+
+def _least_squares(a, t):
+    """W (out x n) minimizing ‖a Wᵀ − t‖, directly from the data."""
+    return torch.linalg.lstsq(a, t).solution.T
+
+
+@pytest.mark.parametrize("mix", [1.0, 0.5, 0.0])
+def test_the_refit_against_the_effective_weight_is_the_least_squares_fit_to_the_target(mix):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 12, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, 12, dtype=torch.float64)
+    down = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    wanted = torch.randn(400, 5, generator=g, dtype=torch.float64) + a @ down.T  # y_dense − h
+    gram, cross = a.T @ a, wanted.T @ a
+    effective = dense_target_weight(gram, cross, down, mix)
+    target = mix * wanted + (1 - mix) * a @ down.T
+    for keep in ([0, 3, 4, 7, 9, 11], list(range(12)), [5]):
+        fitted = refit(gram, effective, keep)
+        assert (fitted - _least_squares(a[:, keep], target)).abs().max() < 1e-4
+    # OBS on the effective weight ranks removals by the error against the target itself: its first
+    # choice is the single column whose removal leaves the least-squares fit to the target closest.
+    first = obs_order(gram, effective, remove=1, damp=0.0).removed[0]
+    errors = [(a[:, [c for c in range(12) if c != j]] @ _least_squares(a[:, [c for c in range(12) if c != j]],
+                                                                         target).T - target).pow(2).sum()
+              for j in range(12)]
+    assert first == int(torch.stack(errors).argmin())
+
+
+def _calibration_logits(model_dir, out, texts):
+    ids = torch.from_numpy(calibration_ids(model_dir, [texts["calib"]], CALIB["num_calibration_samples"],
+                                           CALIB["max_seq_length"], 0).astype("int64"))
+    with torch.no_grad():
+        return streamresize.load(str(out))(ids).logits, dense_logits(model_dir, ids)
+
+
+def test_the_dense_target_brings_the_calibration_logits_closer_to_the_dense_model(tiny_model, texts, tmp_path):
+    common = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, width_multiple=8)
+    errors = {}
+    for target in ("prefix", "dense"):
+        out = tmp_path / target
+        streamresize.compress(tiny_model, str(out), dataset=[texts["calib"]], **CALIB, **common,
+                              method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "mlp_target": target})
+        logits, dense = _calibration_logits(tiny_model, out, texts)
+        errors[target] = float((logits - dense).norm() / dense.norm())
+    # Each block is fitted to where the dense model is, not to where the prefix drifted: on the sequences
+    # it was fitted on, the end of the model is nearer the dense one.
+    assert errors["dense"] < 0.9 * errors["prefix"], errors
+
+
+def test_removing_nothing_with_the_dense_target_reproduces_the_dense_logits(tiny_model, texts, tmp_path):
+    streamresize.compress(tiny_model, str(tmp_path / "out"), dataset=[texts["calib"]], **CALIB, method="dotresize",
+                          sparsity=0.0, mlp_sparsity=0.0, method_options={"mlp_target": "dense", "mlp_reader": "lstsq"})
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = streamresize.load(str(tmp_path / "out"))(ids).logits
+    assert (logits - dense_logits(tiny_model, ids)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("location", ["disk", "device"])
+def test_a_killed_run_with_the_dense_stream_resumes_to_the_same_bytes(tiny_model, texts, tmp_path, location):
+    """The dense stream is part of the resume state: a run killed after block 1 (its dense_b written,
+    the in-memory copy lost) must rebuild block 2's target from the file, not from zeros."""
+    options = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, allocation="global", width_multiple=8,
+                   cache_location=location, option=OPTIONS + ["mlp_target=dense"])
+    cli(*compress_args(tiny_model, tmp_path / "whole", texts["calib"], **options))
+    args = compress_args(tiny_model, tmp_path / "killed", texts["calib"], **options)
+    killed = cli(*args, env={"STREAMRESIZE_CRASH_AT": "2:start"}, check=False)
+    assert killed.returncode == 75
+    cli(*args)
+    exclude = ("streamresize_run.json",)
+    assert tree_digest(tmp_path / "killed", exclude) == tree_digest(tmp_path / "whole", exclude)
+
+
+@pytest.mark.parametrize("extra, needs", [
+    (dict(sparsity=0.25), "the residual kept whole"),
+    (dict(method="prune", option=["mlp_target=dense"]), "refitted by least squares"),
+])
+def test_the_dense_target_is_refused_where_the_streams_cannot_be_compared(tiny_model, texts, tmp_path, extra, needs):
+    options = {**dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, option=OPTIONS + ["mlp_target=dense"]),
+               **extra}
+    r = cli(*compress_args(tiny_model, tmp_path / "out", texts["calib"], **options), check=False)
+    assert r.returncode == 2 and "mlp_target=dense needs" in r.stderr and needs in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
