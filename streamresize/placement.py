@@ -73,9 +73,10 @@ class Footprint:
 
 
 def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequences, seq_length, narrow_mlp,
-              cache_files=3):
+              cache_files=3, mlp_in_files=False):
     """The engine's memory from a Llama-family config and the widest residual point kept (`width`);
-    see `_block_step` for what is held when."""
+    see `_block_step` for what is held when. `mlp_in_files`: the MLP neurons' d_ff² matrices live in
+    memory-mapped files (the CPU), so only d x d_ff ones count."""
     d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // heads
@@ -88,13 +89,14 @@ def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequ
             + 5 * 8 * d * k)  # bases of three points and their float32 copies
     step = held + max(12 * ff * d + 8 * ff * k,  # one transform in flight: float32 source, float64 fold, product
                       4 * 8 * d * d,  # a point's solve: Gram matrix and workspace
-                      3 * 8 * ff * ff if narrow_mlp else 0,  # the MLP neurons' solve
+                      (3 * 8 * ff * (d if mlp_in_files else ff)) if narrow_mlp else 0,  # the MLP neurons' solve
                       (q + ff + 2 * k) * k * 8 + narrowed * output_bytes)  # rotated writers, shard written
     vocabulary = vocab * d * 4 + vocab * k * (8 + output_bytes) + 16 * 4096 * d  # embedding / head steps
     per_token = max(44 * d + c * (3 * q + 3 * kv),  # attention pass: input, norm, q/k/v, update, signal, stats
                     52 * d + 4 * c * ff,  # MLP pass: narrowed input, gate/up/act, update, signal, stats
                     8 * d + (4 * c + 16) * ff if narrow_mlp else 0)  # MLP neurons' pass and statistics
-    return Footprint(step=max(step, vocabulary), pass_fixed=held + 8 * (ff * ff if narrow_mlp else d * d),
+    return Footprint(step=max(step, vocabulary),
+                     pass_fixed=held + 8 * (ff * ff if narrow_mlp and not mlp_in_files else d * d),
                      per_sequence=per_token * seq_length, cache=cache_files * num_sequences * seq_length * d * 4,
                      block_stored=block_parameters(config) * stored_bytes)
 

@@ -29,6 +29,7 @@ class MethodFootprint:
     rotated: list  # per point: whether weights are rotated (not merely selected) there
     eigh_points: list  # per point: whether the method's own solve is an eigen-decomposition
     refit_readers: bool  # least-squares readers: an extra pass per point
+    mlp_in_files: bool = False  # the MLP neurons' d_ff² Gram and solve in memory-mapped files (not counted)
 
 
 @dataclass
@@ -87,7 +88,7 @@ def make_plan(compressor, measure=False):
         n = dist.max_rows(n)
     narrow_mlp = any(k < ff for k in m.intermediate_sizes)
     fp = footprint(config, max(m.widths), c.reader.dtype.itemsize, c.compute_dtype.itemsize, c.out_dtype.itemsize,
-                   n, seq, narrow_mlp, m.cache_files)
+                   n, seq, narrow_mlp, m.cache_files, mlp_in_files=m.mlp_in_files)
     gpu, cpu = c.memory.budgets(c.device)
     if dist is not None and c.memory.max_cpu_memory is None and dist.local_world > 1:
         cpu //= dist.local_world  # the default share of RAM is split between the processes of a node

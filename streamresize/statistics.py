@@ -36,12 +36,19 @@ class Moments:
 
     TENSORS = ("gram", "sum", "abs_sum")
 
-    def __init__(self, width, device):
-        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+    def __init__(self, width, device, gram_path=None):
+        """`gram_path`: keep the Gram matrix in a memory-mapped file there from the start (a 7B MLP's
+        11008² float64 on the CPU: file-backed pages, not anonymous memory); `offload` leaves it there."""
+        self._files = []
+        self._gram_file = gram_path
+        if gram_path is not None:
+            self.gram = scratch_matrix(gram_path, (width, width))  # a new file reads as zeros
+            self._files.append(gram_path)
+        else:
+            self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.count = 0
-        self._files = []
 
     def add(self, x, mask=None):
         """Add a micro-batch (..., d); `mask` (...) excludes padding tokens."""
@@ -80,6 +87,8 @@ class Moments:
             if tensor is None:
                 continue
             file = f"{path}.{name}"
+            if name == "gram" and self._gram_file is not None:
+                continue  # already in its own file
             mm = np.memmap(file, dtype=np.float64, mode="w+", shape=tuple(tensor.shape))
             mm[...] = tensor.cpu().numpy()
             mm.flush()

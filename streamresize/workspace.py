@@ -23,7 +23,7 @@ FALLBACK_LOCK = ".streamresize.lock"
 BUNDLED_DIR = ".streamresize-bundled"  # the pipeline's own output when another format is published  # where a directory itself cannot be locked (some network file systems)
 # Every name a run writes into its work dir (the activation cache, statistics, bases, resume state).
 WORK_FILES = ("manifest.json", "manifest.json.tmp", "calibration_ids.npy", "calibration_ids.npy.tmp",
-              "hidden_a.f32", "hidden_b.f32", "scratch.f32", "update.f32", "dense_a.f32", "dense_b.f32", "*.f32.tmp", "stats-*.f64", "scratch-*.f64",
+              "hidden_a.f32", "hidden_b.f32", "scratch.f32", "update.f32", "dense_a.f32", "dense_b.f32", "*.f32.tmp", "stats-*.f64", "stats-*.f64.*", "scratch-*.f64",
               "basis-*.safetensors", "basis-*.safetensors.tmp", "shared-basis.safetensors",
               "shared-basis.safetensors.tmp", "disp-curves.json", "disp-curves.json.tmp", "disp-learned.json",
               "disp-learned.json.tmp", "mlp-curves.json", "mlp-curves.json.tmp", "progress.json",

@@ -642,7 +642,9 @@ class SlicingMethod(WidthMethod):
         With `dense_out` (the dense model's block output) down_proj is fitted to what takes the block's
         output there: y_dense − h, h the compressed residual the MLP adds to."""
         run = self.run
-        stats = Moments(w_down.shape[1], run.device)
+        on_cpu = run.device.type == "cpu"  # a 7B MLP's d_ff² matrices in file-backed pages, not anonymous memory
+        stats = Moments(w_down.shape[1], run.device,
+                        gram_path=run.work_path(f"stats-mlp-{i}.f64.gram") if on_cpu else None)
         cross = None if dense_out is None else torch.zeros(w_down.shape, dtype=torch.float64, device=run.device)
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
@@ -656,7 +658,7 @@ class SlicingMethod(WidthMethod):
         stats.offload(run.work_path(f"stats-mlp-{i}.f64"))
         stats.to(run.device)
         work = None
-        if run.device.type == "cpu":  # a 7B MLP's d_ff² solve in file-backed pages, not anonymous memory
+        if on_cpu:
             work = lambda name, shape: scratch_matrix(run.work_path(f"scratch-{name}.f64"), shape)  # noqa: E731
         if cross is not None:
             cross = run.reduce_tensors(cross)[0]
@@ -730,7 +732,7 @@ class SlicingMethod(WidthMethod):
             rotated=[not (f or selection) for f in full],
             eigh_points=[not f and per_point and (self.name == "pca" or self.options.get("support") == "pca")
                          for f in full],
-            refit_readers=self.reader_kind == "lstsq")
+            refit_readers=self.reader_kind == "lstsq", mlp_in_files=run.device.type == "cpu")
 
 
 class PcaMethod(SlicingMethod):
