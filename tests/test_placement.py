@@ -190,3 +190,18 @@ def test_plan_for_a_gpu_from_a_machine_without_one(tiny_model, texts, tmp_path):
         assert plan.throughput is None and plan.seconds is None
         with pytest.raises(StreamResizeError, match="--max-gpu-memory"):
             make_plan(_compressor(tiny_model, tmp_path / "out", texts, device="cuda"))
+
+
+def test_an_mlp_solve_in_memory_mapped_files_is_not_counted_against_the_budget():
+    """On the CPU the MLP neurons' d_ff² Gram and OBS inverse live in work-dir files (file-backed pages):
+    the plan counts only the d x d_ff matrices, so a 7B MLP (11008² float64 = 0.97 GB each) fits a
+    budget that would otherwise refuse it."""
+    config = {"hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000, "num_attention_heads": 32,
+              "num_key_value_heads": 32}
+    in_memory = footprint(config, 4096, 2, 4, 2, 8, 256, narrow_mlp=True)
+    in_files = footprint(config, 4096, 2, 4, 2, 8, 256, narrow_mlp=True, mlp_in_files=True)
+    assert in_memory.pass_fixed - in_files.pass_fixed == 8 * (11008 ** 2 - 4096 ** 2)
+    assert in_files.step < in_memory.step
+    with pytest.raises(StreamResizeError, match="too small"):
+        place(in_memory, "cpu", None, parse_size("4GiB"), 8)
+    assert place(in_files, "cpu", None, parse_size("4GiB"), 8).batch_size >= 1

@@ -5,7 +5,7 @@ import torch
 
 from ..errors import StreamResizeError
 from .dotresize import merge_map, options_with_defaults
-from .obs import obs_order, solve_spd
+from .obs import energy, obs_order, solve_spd
 from .support import Frame, support_frame
 
 OBS_DAMP = 0.01  # H + 0.01 x mean(diag H) I for the selection only; the final refit is undamped
@@ -40,14 +40,13 @@ def narrow_mlp(stats, width, method, options, readers, down, scratch=None):
         support_kind = o["support"] if o["support"] != "pca" else "norm"  # neurons cannot be rotated
     frame = choose_neurons(stats, width, support_kind, down, int(options.get("obs_batch", 0)), scratch)
     keep = frame.support
-    down = down.double()
     reader = options.get("mlp_reader", "ot")
     info = {"width": width, "method": method, "support": support_kind}
     if method == "prune":
-        merged = down[:, keep]
+        merged = down[:, keep].double()
     elif method == "dotresize" and reader == "ot":
         transport, info_ot = merge_map(frame, o)
-        merged = down @ transport
+        merged = down.double() @ transport
         info.update(info_ot)
     elif method == "dotresize" and reader == "lstsq":
         merged = refit_kept(stats.gram, down, keep, scratch("refit-inner", (len(keep), len(keep))) if scratch
@@ -55,7 +54,7 @@ def narrow_mlp(stats, width, method, options, readers, down, scratch=None):
     else:
         raise StreamResizeError(f"unknown MLP narrowing '{method}' / mlp_reader '{reader}'")
     info["local_error"] = output_error(stats.gram, down, keep, merged)
-    info["prune_error"] = output_error(stats.gram, down, keep, down[:, keep])
+    info["prune_error"] = output_error(stats.gram, down, keep, None)
     return {role: w[keep] for role, w in readers.items()}, merged, info
 
 
@@ -68,13 +67,24 @@ def refit_kept(gram, down, keep, out=None, rows=1024):
     for r0 in range(0, k, rows):
         inner[r0:r0 + rows] = g[keep[r0:r0 + rows]][:, keep]
     inner.diagonal().add_(1e-8 * float(inner.diagonal().mean().clamp_min(1e-30)))
-    cross = (down @ g)[:, keep]  # d x k
+    cross = torch.empty(down.shape[0], k, dtype=torch.float64, device=g.device)  # D H[:, S], in blocks
+    for c0 in range(0, k, rows):
+        columns = g[:, keep[c0:c0 + rows]]
+        for r0 in range(0, down.shape[0], rows):
+            cross[r0:r0 + rows, c0:c0 + rows] = down[r0:r0 + rows].double() @ columns
     return solve_spd(inner, cross.T).T.to(g.device)
 
 
-def output_error(gram, down, keep, merged):
-    """‖U Dᵀ − U_S D'ᵀ‖ / ‖U Dᵀ‖ of the MLP output, from the activation moments alone."""
-    diff = down.clone()
-    diff[:, keep] -= merged
-    total = float(((down @ gram) * down).sum())
-    return float(max(float(((diff @ gram) * diff).sum()) / total, 0.0) ** 0.5) if total > 0 else 0.0
+def output_error(gram, down, keep, merged, rows=512):
+    """‖U Dᵀ − U_S D'ᵀ‖ / ‖U Dᵀ‖ of the MLP output, from the activation moments alone (D' = None: the
+    kept columns as they are, plain pruning). By blocks of rows: no float64 copy of a 7B down_proj."""
+    total, error = 0.0, 0.0
+    for r0 in range(0, down.shape[0], rows):
+        part = down[r0:r0 + rows].to(torch.float64, copy=True)  # a copy: it is changed below
+        total += energy(part, gram)
+        if merged is None:
+            part[:, keep] = 0
+        else:
+            part[:, keep] -= merged[r0:r0 + rows]
+        error += energy(part, gram)
+    return float(max(error / total, 0.0) ** 0.5) if total > 0 else 0.0

@@ -36,6 +36,16 @@ class ObsOrder:
         return 0.0 if remove == 0 else self.errors[remove - 1]
 
 
+def energy(weight, gram, rows=512):
+    """tr(W H Wᵀ), `rows` rows of W at a time: no temporary the size of W (a 7B down_proj is 360 MB
+    in float64)."""
+    total = 0.0
+    for r0 in range(0, weight.shape[0], rows):
+        part = weight[r0:r0 + rows].double()
+        total += float(((part @ gram) * part).sum())
+    return total
+
+
 def damped_inverse(gram, damp, out=None):
     """(H + λI)⁻¹ with λ = damp x mean diagonal: dead inputs (zero rows of H) stay invertible.
     `out`: an n x n float64 buffer to build it in (a memory-mapped scratch file for a 7B MLP's 11008²):
@@ -85,14 +95,14 @@ def solve_spd(h, rhs):
     if info != 0:
         raise np.linalg.LinAlgError(f"Cholesky factorization failed (info {info})")
     x, info = lapack.dpotrs(factor, rhs.detach().to(torch.float64).cpu().numpy(), lower=0)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(x)  # Fortran order as LAPACK returns it; torch takes the strides
 
 
 def _group_scores(weight, inverse, group, alive):
     """ΔE of removing each alive group on its own, from the current W and H⁻¹."""
     idx = alive[:, None] * group + torch.arange(group, device=weight.device)[None, :]  # (G, g)
-    if group == 1:
-        return weight[:, alive].pow(2).sum(0) / inverse.diagonal()[alive].clamp_min(1e-300)
+    if group == 1:  # column norms without a copy of W
+        return torch.linalg.vector_norm(weight, dim=0)[alive].pow(2) / inverse.diagonal()[alive].clamp_min(1e-300)
     blocks = inverse[idx[:, :, None], idx[:, None, :]]                                  # (G, g, g)
     w = weight[:, idx].permute(1, 0, 2)                                                  # (G, out, g)
     return torch.einsum("gor,gor->g", w @ torch.linalg.inv(blocks), w)
@@ -111,7 +121,7 @@ def obs_order(gram, weight, group=1, remove=None, damp=0.01, batch=1, rounds=Non
     remove = n_groups - 1 if remove is None else min(remove, n_groups)
     alive = torch.ones(n_groups, dtype=torch.bool, device=w.device)
     removed, errors, total_error = [], [], 0.0
-    total = float(((w @ h) * w).sum())
+    total = energy(w, h)
     while len(removed) < remove:
         ids = torch.nonzero(alive).flatten()
         scores = _group_scores(w, inverse, group, ids)

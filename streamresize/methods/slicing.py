@@ -372,6 +372,9 @@ class SlicingMethod(WidthMethod):
         mlp_readers = {r: rotate_reader(f.fold(run.block_weight(i, r), mlp_norm), reader_attn)
                        for r in f.mlp_readers}
         run.set_weights(layer, mlp_readers)
+        # As written from here on: narrowing only selects their rows, and the float64 copies of a 7B
+        # gate and up (720 MB) are not held through the MLP solve.
+        mlp_readers = run.as_output(mlp_readers)
         basis_attn_f = basis_attn.float()
         mlp_point = None
         dense_out = None
@@ -429,7 +432,8 @@ class SlicingMethod(WidthMethod):
                  "seconds": time.time() - start, "peak_rss_mb": rss, "peak_gpu_mb": gpu}
         self._commit(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, reader_out, entry)
         mlp_text = (f"MLP {self.intermediate_sizes[i]} of {run.source_config['intermediate_size']} "
-                    f"(output error {mlp_point['local_error']:.4f}, pruning {mlp_point['prune_error']:.4f})"
+                    f"(output error {mlp_point['local_error']:.4f}, pruning {mlp_point['prune_error']:.4f}, "
+                    f"solved in {mlp_point['solve_seconds']:.1f}s)"
                     if mlp_point else f"MLP {self.intermediate_sizes[i]}")
         log.info("block %d/%d: widths %d->%d->%d, %s, local error attn %.4f mlp %.4f (pca %.4f %.4f), "
                  "%.1fs (waited %.1fs on reads), peak RSS %.0f MB (anonymous %.0f, file %.0f)%s", i + 1,
@@ -666,8 +670,10 @@ class SlicingMethod(WidthMethod):
             w_down = dense_target_weight(stats.gram, cross, w_down,
                                          float(self.options.get("target_mix", TARGET_MIX.default)),
                                          work("obs-inverse", (n, n)) if work else None)
+        solve_start = time.time()
         mlp_readers, w_down, info = narrow_mlp(stats, self.intermediate_sizes[i], self.mlp_method,
                                                self.options, mlp_readers, w_down, work)
+        info["solve_seconds"] = round(time.time() - solve_start, 2)
         fault_point("narrowed")
         stats.discard()
         run.set_weights(layer, {**mlp_readers, run.family.mlp_writer: w_down})
@@ -713,7 +719,9 @@ class SlicingMethod(WidthMethod):
         return None
 
     def record(self, steps):
-        record = {"mlp_method": self.mlp_method, "mlp": [step["mlp"] for step in steps if step.get("mlp")]}
+        timing = ("solve_seconds",)  # in the run log, not in config.json: an output's bytes do not depend on the clock
+        record = {"mlp_method": self.mlp_method,
+                  "mlp": [{k: v for k, v in step["mlp"].items() if k not in timing} for step in steps if step.get("mlp")]}
         if self.heads_kept != self.heads_source:
             record["attention"] = [step["attention"] for step in steps if step.get("attention")]
         return record
