@@ -14,10 +14,13 @@ paths=$("$PY" tools/make_demo.py)
 model=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["model"])' "$paths")
 calib=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["calibration"])' "$paths")
 heldout=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["heldout"])' "$paths")
-# Default: the best measured recipe (DOTResize MLP merging at 80 % of the parameters), written as a stock
-# LlamaForCausalLM. RECIPE, METHOD, SPARSITY, TARGET_SIZE pick others, e.g.
+# Default: the best measured recipe at equal parameters (configs/quality.yaml at 80 %: structured OBS,
+# MLP widths allocated across blocks), written in the bundled format. RECIPE, METHOD, SPARSITY,
+# TARGET_SIZE and SAVE_FORMAT pick others, e.g.
+#   RECIPE=configs/portable.yaml bash tools/demo.sh      # a stock LlamaForCausalLM (no remote code)
+#   SAVE_FORMAT=decilm bash tools/demo.sh                # per-block widths that vLLM and llama.cpp load
 #   RECIPE=configs/pca.yaml SPARSITY=0.25 bash tools/demo.sh
-recipe=${RECIPE:-configs/dotresize-mlp.yaml}
+recipe=${RECIPE:-configs/quality.yaml}
 samples=${SAMPLES:-16}
 seq=${SEQ:-256}
 windows=${EVAL_WINDOWS:-20}
@@ -25,6 +28,7 @@ extra=()
 [ -n "${METHOD:-}" ] && extra+=(--method "$METHOD")
 [ -n "${SPARSITY:-}" ] && extra+=(--sparsity "$SPARSITY")
 [ -n "${TARGET_SIZE:-}" ] && extra+=(--target-size "$TARGET_SIZE")
+[ -n "${SAVE_FORMAT:-}" ] && extra+=(--save-format "$SAVE_FORMAT")
 out=${DEMO_OUT:-$HOME/.cache/streamresize/demo/smollm2-135m-$(basename "$recipe" .yaml)}
 echo "== compressing with $recipe: $samples x $seq calibration tokens (full size: SAMPLES=128 SEQ=512) =="
 start=$(date +%s)
