@@ -121,3 +121,34 @@ def test_target_size_is_met_within_one_multiple_with_auto_multiples():
         got = output_parameters(config, width, ff, False, True)
         one_more = output_parameters(config, width, ff + 64, False, True)
         assert ff % 64 == 0 and got <= target * source < one_more
+
+
+def test_the_memory_lean_solve_equals_the_direct_formulas(tmp_path):
+    """The in-place LAPACK inverse in a memory-mapped buffer, the refit and the output errors built in
+    blocks of rows and columns: the same numbers as the formulas written out whole."""
+    from streamresize.methods.neurons import output_error, refit_kept
+    from streamresize.methods.obs import damped_inverse, energy
+    from streamresize.statistics import scratch_matrix
+
+    gram, w = problem(13, out=7, tokens=60, seed=4)
+    buffer = scratch_matrix(str(tmp_path / "inverse.f64"), (13, 13))
+    inverse = damped_inverse(gram, 0.01, out=buffer)
+    assert inverse.data_ptr() == buffer.data_ptr()  # built in the buffer itself
+    expected = torch.linalg.inv(gram + 0.01 * gram.diagonal().mean() * torch.eye(13, dtype=gram.dtype))
+    assert torch.allclose(inverse, expected, rtol=1e-9, atol=1e-12)
+    assert torch.equal(inverse, inverse.T)
+
+    keep = torch.tensor([0, 2, 3, 7, 8, 11, 12])
+    direct = w @ gram[:, keep] @ torch.linalg.inv(gram[keep][:, keep])
+    assert torch.allclose(refit_kept(gram, w.float(), keep, rows=3), direct, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(refit_kept(gram, w, keep, rows=3), refit(gram, w, keep.tolist()), rtol=1e-7, atol=1e-9)
+
+    assert energy(w, gram, rows=2) == pytest.approx(float(torch.trace(w @ gram @ w.T)), rel=1e-12)
+    merged = direct + 0.1
+    for kept in (merged, None):  # a refit, and plain pruning (the kept columns as they are)
+        diff = w.clone()  # removed columns: all of their output is lost
+        diff[:, keep] = w[:, keep] - kept if kept is not None else 0.0
+        want = (torch.trace(diff @ gram @ diff.T) / torch.trace(w @ gram @ w.T)).sqrt()
+        before = w.clone()
+        assert output_error(gram, w, keep, kept, rows=2) == pytest.approx(float(want), rel=1e-10)
+        assert torch.equal(w, before)  # the caller's down_proj is not changed

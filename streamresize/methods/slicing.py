@@ -435,13 +435,16 @@ class SlicingMethod(WidthMethod):
                     f"(output error {mlp_point['local_error']:.4f}, pruning {mlp_point['prune_error']:.4f}, "
                     f"solved in {mlp_point['solve_seconds']:.1f}s)"
                     if mlp_point else f"MLP {self.intermediate_sizes[i]}")
-        log.info("block %d/%d: widths %d->%d->%d, %s, local error attn %.4f mlp %.4f (pca %.4f %.4f), "
-                 "%.1fs (waited %.1fs on reads), peak RSS %.0f MB (anonymous %.0f, file %.0f)%s", i + 1,
-                 run.num_layers, k_in, point_attn["width"], point_mlp["width"],
+        # The residual points' errors only where a point is narrowed: a point kept whole has none to report.
+        residual_text = "".join(
+            f", residual after {name} {p['width']} of {run.hidden}: local error {p['local_error']:.4f} (pca "
+            f"{p['pca_error']:.4f})" for name, p in (("attention", point_attn), ("MLP", point_mlp))
+            if p["width"] < run.hidden or not p.get("identity"))
+        log.info("block %d/%d: widths %d->%d->%d, %s%s, %.1fs (waited %.1fs on reads), peak RSS %.0f MB "
+                 "(anonymous %.0f, file %.0f)%s", i + 1, run.num_layers, k_in, point_attn["width"], point_mlp["width"],
                  mlp_text + (f", output off the dense model's by {dense_error:.4f}" if dense_error is not None else ""),
-                 point_attn["local_error"], point_mlp["local_error"], point_attn["pca_error"], point_mlp["pca_error"],
-                 entry["seconds"], entry["read_wait_seconds"], rss, entry["peak_anon_mb"], entry["peak_file_mb"],
-                 f", GPU {gpu:.0f} MB" if gpu else "")
+                 residual_text, entry["seconds"], entry["read_wait_seconds"], rss, entry["peak_anon_mb"],
+                 entry["peak_file_mb"], f", GPU {gpu:.0f} MB" if gpu else "")
 
     def prepare(self, first, progress):
         if self.run.recipe.allocation == "global" and min(self.intermediate_sizes) < self.run.source_config[
