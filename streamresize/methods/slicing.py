@@ -83,11 +83,12 @@ class SlicingMethod(WidthMethod):
     @classmethod
     def option_spec(cls, recipe):
         spec = {**cls.OPTIONS, "mlp_support": MLP_SUPPORT, "obs_batch": OBS_BATCH, "curve_samples": CURVE_SAMPLES,
-                "curve_scale": CURVE_SCALE, "mlp_target": MLP_TARGET, "target_mix": TARGET_MIX}
+                "curve_scale": CURVE_SCALE}
         if cls.mlp_method_for(recipe) == "dotresize":  # the MLP neurons are merged by OT: its options apply
             spec = {**{k: Option(o.default, o.kind, o.help, o.choices, o.minimum, o.positive, recorded=False)
                        for k, o in TRANSPORT.items()}, "mlp_reader": Option(
-                "ot", str, MLP_READER.help, MLP_READER.choices, recorded=False), **spec}
+                "ot", str, MLP_READER.help, MLP_READER.choices, recorded=False), "mlp_target": MLP_TARGET,
+                "target_mix": TARGET_MIX, **spec}
         return spec
 
     @classmethod
