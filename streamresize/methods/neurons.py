@@ -5,7 +5,7 @@ import torch
 
 from ..errors import StreamResizeError
 from .dotresize import merge_map, options_with_defaults
-from .obs import energy, obs_order, solve_spd
+from .obs import energy, obs_order, solve_ridged
 from .support import Frame, support_frame
 
 OBS_DAMP = 0.01  # H + 0.01 x mean(diag H) I for the selection only; the final refit is undamped
@@ -63,16 +63,17 @@ def refit_kept(gram, down, keep, out=None, rows=1024):
     gathered into `out` (k x k) a block of rows at a time and factored in place, so besides it only
     d x d_ff matrices are made."""
     g, k = gram, len(keep)
-    inner = torch.empty(k, k, dtype=torch.float64, device=g.device) if out is None else out
-    for r0 in range(0, k, rows):
-        inner[r0:r0 + rows] = g[keep[r0:r0 + rows]][:, keep]
-    inner.diagonal().add_(1e-8 * float(inner.diagonal().mean().clamp_min(1e-30)))
+
+    def fill(inner):
+        for r0 in range(0, k, rows):
+            inner[r0:r0 + rows] = g[keep[r0:r0 + rows]][:, keep]
+
     cross = torch.empty(down.shape[0], k, dtype=torch.float64, device=g.device)  # D H[:, S], in blocks
     for c0 in range(0, k, rows):
         columns = g[:, keep[c0:c0 + rows]]
         for r0 in range(0, down.shape[0], rows):
             cross[r0:r0 + rows, c0:c0 + rows] = down[r0:r0 + rows].double() @ columns
-    return solve_spd(inner, cross.T).T.to(g.device)
+    return solve_ridged(fill, k, cross.T, 1e-8, out).T.to(g.device)
 
 
 def output_error(gram, down, keep, merged, rows=512):

@@ -12,11 +12,16 @@ greedy order of ZipLM / OBC; the cumulative error after m removals is the least-
 the kept set, so the curve doubles as the cost of each width in `global` allocation.
 """
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.linalg import lapack  # in-place Cholesky (SciPy comes with POT)
+
+from ..errors import StreamResizeError
+
+log = logging.getLogger("streamresize")
 
 
 @dataclass
@@ -46,34 +51,51 @@ def energy(weight, gram, rows=512):
     return total
 
 
+def ridged(fill, n, device, ridge, out=None):
+    """A + λI in a buffer, factored by Cholesky: (buffer, factor). `fill(buffer)` writes the symmetric
+    positive semi-definite A; λ = ridge x its mean diagonal. A Gram matrix of fewer tokens than columns is
+    singular, and float32 products can leave it slightly indefinite: where the factorization fails, λ
+    grows 100x (logged) and A is written again, up to 1 % of the mean diagonal."""
+    h = torch.empty(n, n, dtype=torch.float64, device=device) if out is None else out
+    while True:
+        fill(h)
+        scale = float(h.diagonal().mean().clamp_min(1e-30))
+        h.diagonal().add_(ridge * scale)
+        factor = _cholesky_in_place(h)
+        if factor is not None:
+            return h, factor
+        if ridge >= 1e-2:
+            raise StreamResizeError(f"a {n} x {n} Gram matrix is not positive definite even with a ridge of "
+                                    f"{ridge:g} x its mean diagonal (non-finite activations?)")
+        log.warning("a %d x %d Gram matrix is singular or indefinite at ridge %g; retrying with %g", n, n, ridge,
+                    ridge * 100)
+        ridge *= 100
+
+
+def _cholesky_in_place(h):
+    """The upper Cholesky factor of the CPU buffer h, written over it by LAPACK (a NumPy view), or the
+    lower one of a GPU tensor as a new tensor; None where h is not positive definite."""
+    if h.device.type != "cpu":
+        factor, info = torch.linalg.cholesky_ex(h)
+        return factor if int(info) == 0 else None
+    a = h.numpy().T  # the same memory, Fortran order; h is symmetric, so the same matrix
+    factor, info = lapack.dpotrf(a, lower=0, overwrite_a=1, clean=0)
+    return factor if info == 0 else None
+
+
 def damped_inverse(gram, damp, out=None):
     """(H + λI)⁻¹ with λ = damp x mean diagonal: dead inputs (zero rows of H) stay invertible.
     `out`: an n x n float64 buffer to build it in (a memory-mapped scratch file for a 7B MLP's 11008²):
     on the CPU the factorization and inverse are done in place, so nothing else holds n² floats."""
-    n = gram.shape[0]
-    scale = float(gram.diagonal().mean().clamp_min(1e-30))
-    h = torch.empty(n, n, dtype=torch.float64, device=gram.device) if out is None else out
-    h.copy_(gram)
-    h.diagonal().add_(damp * scale)
+    h, factor = ridged(lambda buffer: buffer.copy_(gram), gram.shape[0], gram.device, damp, out)
     if h.device.type != "cpu":
         # cholesky_solve, not cholesky_inverse: the same result, and much faster (measured at n = 1536)
-        eye = torch.eye(n, dtype=h.dtype, device=h.device)
-        h.copy_(torch.cholesky_solve(eye, torch.linalg.cholesky(h)))
+        h.copy_(torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), factor))
         return h
-    return symmetric_from_lower(_lapack_inverse(h))
-
-
-def _lapack_inverse(h):
-    """H⁻¹ of a symmetric positive definite CPU tensor, overwriting it (LAPACK potrf + potri on the
-    buffer itself). Only its lower triangle is valid afterwards."""
-    a = h.numpy().T  # the same memory, Fortran order; H is symmetric, so the same matrix
-    factor, info = lapack.dpotrf(a, lower=0, overwrite_a=1, clean=0)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"Cholesky factorization failed (info {info}): the matrix is not positive definite")
     inverse, info = lapack.dpotri(factor, lower=0, overwrite_c=1)
-    if info != 0 or not np.shares_memory(inverse, a):
-        raise np.linalg.LinAlgError(f"inverse from the Cholesky factor failed (info {info})")
-    return h
+    if info != 0 or not np.shares_memory(inverse, factor):
+        raise StreamResizeError(f"the inverse from a Cholesky factor failed (LAPACK info {info})")
+    return symmetric_from_lower(h)
 
 
 def symmetric_from_lower(h, rows=1024):
@@ -87,13 +109,11 @@ def symmetric_from_lower(h, rows=1024):
     return h
 
 
-def solve_spd(h, rhs):
-    """H⁻¹ rhs for a symmetric positive definite H, overwriting H with its Cholesky factor on the CPU."""
+def solve_ridged(fill, n, rhs, ridge=1e-8, out=None):
+    """(A + λI)⁻¹ rhs, A written by `fill` into `out` (or a new buffer) and factored there (see ridged)."""
+    h, factor = ridged(fill, n, rhs.device, ridge, out)
     if h.device.type != "cpu":
-        return torch.cholesky_solve(rhs, torch.linalg.cholesky(h))
-    factor, info = lapack.dpotrf(h.numpy().T, lower=0, overwrite_a=1, clean=0)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"Cholesky factorization failed (info {info})")
+        return torch.cholesky_solve(rhs.to(torch.float64), factor)
     x, info = lapack.dpotrs(factor, rhs.detach().to(torch.float64).cpu().numpy(), lower=0)
     return torch.from_numpy(x)  # Fortran order as LAPACK returns it; torch takes the strides
 

@@ -30,7 +30,7 @@ from .base import WidthMethod
 from .allocation import global_widths
 from .heads import HeadLayout, select_heads
 from .neurons import OBS_DAMP, narrow_mlp
-from .obs import obs_order, solve_spd
+from .obs import obs_order, solve_ridged
 from .options import Option
 
 log = logging.getLogger("streamresize")
@@ -781,7 +781,4 @@ def dense_target_weight(gram, cross, down, mix, buffer=None):
     the optimum against t. `gram` = Σ a aᵀ, `cross` = Σ (y_dense − h) aᵀ over the same tokens (float64)."""
     down = down.double()
     wanted = mix * cross + (1.0 - mix) * (down @ gram)
-    inner = torch.empty_like(gram, dtype=torch.float64) if buffer is None else buffer
-    inner.copy_(gram)
-    inner.diagonal().add_(1e-6 * float(gram.diagonal().mean().clamp_min(1e-30)))
-    return solve_spd(inner, wanted.T).T.to(gram.device)
+    return solve_ridged(lambda inner: inner.copy_(gram), gram.shape[0], wanted.T, 1e-6, buffer).T.to(gram.device)
