@@ -152,3 +152,24 @@ def test_the_memory_lean_solve_equals_the_direct_formulas(tmp_path):
         before = w.clone()
         assert output_error(gram, w, keep, kept, rows=2) == pytest.approx(float(want), rel=1e-10)
         assert torch.equal(w, before)  # the caller's down_proj is not changed
+
+
+def test_a_singular_slightly_indefinite_gram_is_solved_with_a_larger_ridge_and_a_warning(caplog):
+    """Fewer tokens than neurons make H singular; float32 products can push its zero eigenvalues a little
+    below zero. The refit then raises its ridge (logged) instead of stopping; a matrix far from positive
+    definite is still refused."""
+    from streamresize.errors import StreamResizeError
+    from streamresize.methods.neurons import refit_kept
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64)  # 6 tokens, 10 neurons: rank 6
+    gram = x.T @ x
+    gram -= 1e-7 * gram.diagonal().mean() * torch.eye(10, dtype=gram.dtype)  # eigenvalues of -1e-7 x mean
+    w = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    keep = torch.arange(8)
+    with caplog.at_level("WARNING", logger="streamresize"):
+        fitted = refit_kept(gram, w, keep)
+    assert torch.isfinite(fitted).all() and fitted.shape == (3, 8)
+    assert "retrying with 1e-06" in caplog.text
+    with pytest.raises(StreamResizeError, match="not positive definite"):
+        refit_kept(-torch.eye(10, dtype=torch.float64), w, keep)
