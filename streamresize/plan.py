@@ -30,6 +30,7 @@ class MethodFootprint:
     eigh_points: list  # per point: whether the method's own solve is an eigen-decomposition
     refit_readers: bool  # least-squares readers: an extra pass per point
     mlp_in_files: bool = False  # the MLP neurons' d_ff² Gram and solve in memory-mapped files (not counted)
+    mlp_obs: bool = False  # MLP neurons chosen by structured OBS (a d_ff² inverse and its updates)
 
 
 @dataclass
@@ -145,11 +146,23 @@ def _block(c, m, i, tokens):
                + _rotation(m, 2 * i + 2, ff * d * k_mlp))
     if m.refit_readers:
         float64 += 2 * tokens * (k_attn + k_mlp) * (d + max(k_attn, k_mlp))
-    eigh = _solves(m, [2 * i + 1, 2 * i + 2]) + ((ff / d) ** 3 if narrow else 0)
+    if narrow:
+        float64 += mlp_solve_flops(d, ff, ff_i, m.mlp_obs)
+    eigh = _solves(m, [2 * i + 1, 2 * i + 2])
     return Step(f"block {i}", read_bytes=_group_bytes(c, _block_names(c, i)),
                 statistics_bytes=_stats(d) + (_stats(ff) if narrow else 0),
                 output_bytes=output * c.out_dtype.itemsize,
                 flops={"compute": compute, "float32": float32, "float64": float64, "eigh": eigh})
+
+
+def mlp_solve_flops(d, ff, kept, obs):
+    """Float64 FLOPs of narrowing one MLP from ff to `kept` neurons: with OBS, the Cholesky factor and
+    inverse of the ff² Gram (ff³) and the greedy updates of H⁻¹ and W; then the least-squares refit of
+    down_proj (D H[:, S], a kept² factorization and its solve). 3.9e12 for a 7B MLP at 80 %, 117 s on
+    a 2-core CPU (BENCHMARKS.md)."""
+    removed = ff - kept
+    selection = ff ** 3 + 2 * ff * ff * removed + 2 * d * ff * removed if obs else 0
+    return selection + 2 * d * ff * kept + kept ** 3 / 3 + 2 * kept * kept * d
 
 
 def _head(c, m):
@@ -270,7 +283,8 @@ def format_plan(plan, compressor):
              f"run: {c.recipe.method}, residual widths {min(m.widths)}-{max(m.widths)}, MLP widths "
              f"{min(m.intermediate_sizes)}-{max(m.intermediate_sizes)}, calibration "
              f"{c.recipe.num_calibration_samples} x {c.recipe.max_seq_length} tokens",
-             f"device {plan.device}, compute {plan.compute_dtype}, statistics float64; budgets: GPU "
+             f"device {plan.device}, compute {plan.compute_dtype}, statistics summed in float64 (Gram products "
+             f"{str(getattr(c, 'statistics_products', 'float64')).replace('torch.', '')}); budgets: GPU "
              f"{format_size(plan.budgets['gpu']) if plan.budgets['gpu'] else '-'} "
              f"({c.memory.describe('gpu')}), CPU {format_size(plan.budgets['cpu'])} ({c.memory.describe('cpu')})",
              f"placement: micro-batch {p.batch_size} sequences ({format_size(plan.micro_batch_bytes)}), activation "

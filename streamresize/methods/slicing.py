@@ -744,7 +744,8 @@ class SlicingMethod(WidthMethod):
             rotated=[not (f or selection) for f in full],
             eigh_points=[not f and per_point and (self.name == "pca" or self.options.get("support") == "pca")
                          for f in full],
-            refit_readers=self.reader_kind == "lstsq", mlp_in_files=run.device.type == "cpu")
+            refit_readers=self.reader_kind == "lstsq", mlp_in_files=run.device.type == "cpu",
+            mlp_obs=self.options.get("mlp_support") == "obs")
 
 
 class PcaMethod(SlicingMethod):
