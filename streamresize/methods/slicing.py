@@ -138,8 +138,8 @@ class SlicingMethod(WidthMethod):
             problems.append("the residual kept whole (--sparsity 0, --basis per-point)")
         if self.options.get("rotate_full_width"):
             problems.append("no rotate_full_width")
-        if self.mlp_method != "dotresize" or self.options.get("mlp_reader") != "lstsq":
-            problems.append("the MLP refitted by least squares (--method dotresize, mlp_reader=lstsq)")
+        if self.options.get("mlp_reader") != "lstsq":  # the option exists only where dotresize merges the MLP
+            problems.append("the MLP refitted by least squares (mlp_reader=lstsq)")
         if not 0.0 <= float(self.options.get("target_mix", 1.0)) <= 1.0:
             problems.append("target_mix between 0 and 1")
         if problems:
@@ -386,7 +386,6 @@ class SlicingMethod(WidthMethod):
             progress.set_postfix_str(f"block {i}: narrowing MLP neurons")
             mlp_readers, w_down, mlp_point = self._narrow_mlp(i, layer, scratch, basis_attn_f, mlp_readers, w_down,
                                                               dense_out)
-        mlp_readers = run.as_output(mlp_readers)
 
         # Pass B: MLP on the narrowed post-attention residual; output-point signals -> target.
         progress.set_postfix_str(f"block {i}: calibrating MLP")
@@ -780,6 +779,5 @@ def dense_target_weight(gram, cross, down, mix, buffer=None):
     wanted target t = mix·(y_dense − h) + (1 − mix)·W a. Since any kept-set refit lies in the same
     span, ‖W_S a_S − t‖² = ‖W_S a_S − W* a‖² + const: OBS selection and the refit against W* give
     the optimum against t. `gram` = Σ a aᵀ, `cross` = Σ (y_dense − h) aᵀ over the same tokens (float64)."""
-    down = down.double()
-    wanted = mix * cross + (1.0 - mix) * (down @ gram)
+    wanted = cross if mix == 1.0 else mix * cross + (1.0 - mix) * (down.double() @ gram)
     return solve_ridged(lambda inner: inner.copy_(gram), gram.shape[0], wanted.T, 1e-6, buffer).T.to(gram.device)
