@@ -49,7 +49,7 @@ out = sys.argv[1]
 config = json.load(open(os.path.join(out, "config.json")))
 stock = config["model_type"] not in ("streamresize", "nemotron-nas")  # bundled and decilm ship their code
 model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not stock, dtype=torch.float32).eval()
-tok = AutoTokenizer.from_pretrained(out)
+tok = AutoTokenizer.from_pretrained(out, trust_remote_code=not stock)  # else transformers asks on a bundled output
 ids = tok("The river flows through the city of", return_tensors="pt").input_ids
 with torch.no_grad():
     text = tok.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True)
