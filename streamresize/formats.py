@@ -44,7 +44,9 @@ CARD = "README.md"
 # Keys of a bundled config that only our modeling file reads.
 DISP_PROBLEM = "DISP-LLM index sets (every block reads its own channels) need the bundled modeling code"
 SHORTCUT_PROBLEM = "per-point bases carry skip-path matrices, which no stock architecture has"
-BUNDLED_KEYS = ("base_model_type", "residual_widths", "intermediate_sizes", "shortcuts", "head_adapter",
+HEADS_PROBLEM = ("the attention head counts differ per block (head_allocation=global); stock configs and DeciLM hold "
+                 "one count of query heads")
+BUNDLED_KEYS = ("base_model_type", "residual_widths", "intermediate_sizes", "shortcuts", "head_adapter", "attention_heads",
                 "disp_widths", "auto_map", "linear_biases", "fused_linears", "block_norms", "embedding_scale")
 # DeciLM: the modeling files every decilm output carries (copied from this package, named in auto_map).
 DECILM_FILES = ("configuration_decilm.py", "modeling_decilm.py")
@@ -86,6 +88,8 @@ def stock_problem(config, in_dir, weight_map):
         return DISP_PROBLEM
     if any(any(pair) for pair in config.get("shortcuts") or []):
         return SHORTCUT_PROBLEM
+    if len({tuple(h) for h in config.get("attention_heads") or []}) > 1:
+        return HEADS_PROBLEM
     widths = set(config.get("residual_widths") or [config["hidden_size"]])
     if len(widths) > 1:
         return f"the residual width differs between points ({min(widths)}-{max(widths)})"

@@ -73,10 +73,11 @@ class Footprint:
 
 
 def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequences, seq_length, narrow_mlp,
-              cache_files=3, mlp_in_files=False):
+              cache_files=3, mlp_in_files=False, bases=True):
     """The engine's memory from a Llama-family config and the widest residual point kept (`width`);
     see `_block_step` for what is held when. `mlp_in_files`: the MLP neurons' d_ff² matrices live in
-    memory-mapped files (the CPU), so only d x d_ff ones count."""
+    memory-mapped files (the CPU), so only d x d_ff ones count. `bases`: False where every residual
+    point is kept whole (no bases, no residual statistics, no point solves)."""
     d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // heads
@@ -86,9 +87,9 @@ def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequ
     held = (block_parameters(config) * c  # the calibration layer's weights
             + ((d * q + d * ff) * 4 if c != 4 else 0)  # o_proj and down_proj as read, rotated at the end
             + (q + 2 * kv + 2 * ff) * k * output_bytes  # narrowed readers, kept as written
-            + 5 * 8 * d * k)  # bases of three points and their float32 copies
+            + (5 * 8 * d * k if bases else 0))  # bases of three points and their float32 copies
     step = held + max(12 * ff * d + 8 * ff * k,  # one transform in flight: float32 source, float64 fold, product
-                      4 * 8 * d * d,  # a point's solve: Gram matrix and workspace
+                      4 * 8 * d * d if bases else 0,  # a point's solve: Gram matrix and workspace
                       (3 * 8 * ff * (d if mlp_in_files else ff)) if narrow_mlp else 0,  # the MLP neurons' solve
                       (q + ff + 2 * k) * k * 8 + narrowed * output_bytes)  # rotated writers, shard written
     vocabulary = vocab * d * 4 + vocab * k * (8 + output_bytes) + 16 * 4096 * d  # embedding / head steps
@@ -96,7 +97,7 @@ def footprint(config, width, stored_bytes, compute_bytes, output_bytes, num_sequ
                     52 * d + 4 * c * ff,  # MLP pass: narrowed input, gate/up/act, update, signal, stats
                     8 * d + (4 * c + 16) * ff if narrow_mlp else 0)  # MLP neurons' pass and statistics
     return Footprint(step=max(step, vocabulary),
-                     pass_fixed=held + 8 * (ff * ff if narrow_mlp and not mlp_in_files else d * d),
+                     pass_fixed=held + 8 * (ff * ff if narrow_mlp and not mlp_in_files else d * d if bases else 0),
                      per_sequence=per_token * seq_length, cache=cache_files * num_sequences * seq_length * d * 4,
                      block_stored=block_parameters(config) * stored_bytes)
 

@@ -31,6 +31,7 @@ class MethodFootprint:
     refit_readers: bool  # least-squares readers: an extra pass per point
     mlp_in_files: bool = False  # the MLP neurons' d_ff² Gram and solve in memory-mapped files (not counted)
     mlp_obs: bool = False  # MLP neurons chosen by structured OBS (a d_ff² inverse and its updates)
+    kept_whole: bool = False  # every residual point kept whole: no bases, no residual statistics
 
 
 @dataclass
@@ -89,7 +90,7 @@ def make_plan(compressor, measure=False):
         n = dist.max_rows(n)
     narrow_mlp = any(k < ff for k in m.intermediate_sizes)
     fp = footprint(config, max(m.widths), c.reader.dtype.itemsize, c.compute_dtype.itemsize, c.out_dtype.itemsize,
-                   n, seq, narrow_mlp, m.cache_files, mlp_in_files=m.mlp_in_files)
+                   n, seq, narrow_mlp, m.cache_files, mlp_in_files=m.mlp_in_files, bases=not m.kept_whole)
     gpu, cpu = c.memory.budgets(c.device)
     if dist is not None and c.memory.max_cpu_memory is None and dist.local_world > 1:
         cpu //= dist.local_world  # the default share of RAM is split between the processes of a node
@@ -119,9 +120,10 @@ def _group_bytes(c, names):
 def _embedding(c, m, tokens):
     k0, d = m.widths[0], c.hidden
     vocab = c.source_config["vocab_size"]
-    return Step("embedding", read_bytes=_group_bytes(c, [c.family.embedding]), statistics_bytes=_stats(d),
-                output_bytes=vocab * k0 * c.out_dtype.itemsize,
-                flops={"float64": 2 * tokens * d * d + _rotation(m, 0, vocab * d * k0) + 2 * tokens * d * k0,
+    statistics = 0 if m.kept_whole else 2 * tokens * d * d + 2 * tokens * d * k0  # its Gram, the projection
+    return Step("embedding", read_bytes=_group_bytes(c, [c.family.embedding]),
+                statistics_bytes=0 if m.kept_whole else _stats(d), output_bytes=vocab * k0 * c.out_dtype.itemsize,
+                flops={"float64": statistics + _rotation(m, 0, vocab * d * k0),
                        "eigh": _solves(m, [0])})
 
 
@@ -139,18 +141,19 @@ def _block(c, m, i, tokens):
     narrow = ff_i < ff
     compute = 2 * tokens * ((q + 2 * kv) * k_in + q * k_attn + 3 * ff * k_attn) + 2 * tokens * seq * q
     compute += 4 * tokens * ff * k_attn if narrow else 0  # the MLP neurons' extra pass
-    float32 = 2 * tokens * d * (k_in + 3 * k_attn)
-    float64 = (4 * tokens * d * d + 2 * tokens * d * k_mlp  # two points' Gram matrices, the projection
+    float32 = 0 if m.kept_whole else 2 * tokens * d * (k_in + 3 * k_attn)  # signals through the bases
+    residual = 0 if m.kept_whole else 4 * tokens * d * d + 2 * tokens * d * k_mlp  # two points' Grams, the projection
+    float64 = (residual
                + (2 * tokens * ff * ff if narrow else 0)
                + _rotation(m, 2 * i, (q + 2 * kv) * d * k_in) + _rotation(m, 2 * i + 1, (q + 3 * ff) * d * k_attn)
                + _rotation(m, 2 * i + 2, ff * d * k_mlp))
-    if m.refit_readers:
+    if m.refit_readers and not m.kept_whole:
         float64 += 2 * tokens * (k_attn + k_mlp) * (d + max(k_attn, k_mlp))
     if narrow:
         float64 += mlp_solve_flops(d, ff, ff_i, m.mlp_obs)
     eigh = _solves(m, [2 * i + 1, 2 * i + 2])
     return Step(f"block {i}", read_bytes=_group_bytes(c, _block_names(c, i)),
-                statistics_bytes=_stats(d) + (_stats(ff) if narrow else 0),
+                statistics_bytes=(0 if m.kept_whole else _stats(d)) + (_stats(ff) if narrow else 0),
                 output_bytes=output * c.out_dtype.itemsize,
                 flops={"compute": compute, "float32": float32, "float64": float64, "eigh": eigh})
 

@@ -4,6 +4,9 @@ A method only decides a basis Q (d x k, orthonormal columns) per transform
 point; the residual then carries h Q. Weights are PyTorch `nn.Linear` weights
 (out x in), transformed in float64. A pruning basis (columns of the identity)
 is applied by indexing, which gives the same numbers without a d x k product.
+A point kept whole in its own coordinates has no basis at all (None): at 7B a
+materialized d x d identity is 134 MB of float64 per copy, and multiplying by it
+costs a d² product per token for nothing.
 """
 
 import torch
@@ -29,6 +32,8 @@ def fold_norm(reader_weight, norm_weight):
 
 def rotate_reader(weight, basis):
     """A linear reading the residual (out x d) reads the narrowed residual: W Q (out x k)."""
+    if basis is None:
+        return weight.double()
     index = selected_columns(basis)
     if index is not None:
         return weight[:, index].double()
@@ -37,10 +42,17 @@ def rotate_reader(weight, basis):
 
 def rotate_writer(weight, basis):
     """A linear writing into the residual (d x in) writes the narrowed residual: Qᵀ W (k x in)."""
+    if basis is None:
+        return weight.double()
     index = selected_columns(basis)
     if index is not None:
         return weight[index].double()
     return basis.T @ weight.double()
+
+
+def through(x, matrix):
+    """x @ matrix, with None standing for the identity (a point kept whole: no product at all)."""
+    return x if matrix is None else x @ matrix
 
 
 def by_rows(transform, weight, rows=ROWS):
@@ -64,8 +76,13 @@ def rotate_embedding(embedding, basis):
 def shortcut(previous_basis, next_basis):
     """The skip path between two points as an `nn.Linear` weight: (Q_prevᵀ Q_next)ᵀ (k_next x k_prev).
 
-    None when both points share one basis (the skip path is then the identity).
+    None when both points share one basis (the skip path is then the identity). A basis of None is
+    the identity.
     """
+    if previous_basis is None or next_basis is None:
+        if previous_basis is None and next_basis is None:
+            return None
+        return next_basis.T.contiguous() if previous_basis is None else previous_basis.contiguous()
     if previous_basis.shape == next_basis.shape and torch.equal(previous_basis, next_basis):
         return None
     return (previous_basis.T @ next_basis).T.contiguous()

@@ -223,3 +223,29 @@ def test_pca_error_is_the_lower_bound_every_method_is_logged_against(seed):
     assert bound == pytest.approx(relative_error(stats.gram, principal_basis(stats.gram, 12)))
     for solve in (prune.solve, dotresize.solve):
         assert relative_error(stats.gram, solve(stats, 12, {})[0]) >= bound - 1e-12
+
+
+def test_points_kept_whole_hold_no_basis_and_no_residual_statistics(tiny_model, texts, tmp_path, monkeypatch):
+    """An MLP-only run keeps every residual point whole: no d x d basis is made and no residual moments
+    are accumulated (at 7B each is 134 MB of float64 and a d² product per token). Its output equals the
+    same run with every point's basis materialized (prune at full width selects every channel, in order)."""
+    from streamresize.methods import slicing
+
+    widths = []
+    real_moments = slicing.Moments
+
+    def counting_moments(width, *args, **kwargs):
+        widths.append(width)
+        return real_moments(width, *args, **kwargs)
+
+    monkeypatch.setattr(slicing, "Moments", counting_moments)
+    whole, materialized = tmp_path / "whole", tmp_path / "materialized"
+    cli(*compress_args(tiny_model, whole, texts["calib"], method="prune", sparsity=0.0, mlp_sparsity=0.3))
+    assert widths and set(widths) == {96}, widths  # the MLP neurons' moments only, never the residual's (64)
+    widths.clear()
+    cli(*compress_args(tiny_model, materialized, texts["calib"], method="prune", sparsity=0.0, mlp_sparsity=0.3,
+                       option=["rotate_full_width=true"]))
+    assert 64 in widths  # the reference did go through the point solves
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    ours, reference = (logits_without_streamresize(d, ids, tmp_path) for d in (whole, materialized))
+    assert (ours - reference).abs().max().item() < 1e-4

@@ -218,3 +218,14 @@ def test_the_mlp_solve_is_counted_as_float64_work_that_obs_selection_adds_to():
     assert 0.2 < refit_only / with_obs < 0.3
     ff, d = 11008, 4096  # nothing removed: the inverse and the refit, no greedy updates
     assert mlp_solve_flops(d, ff, ff, obs=True) == pytest.approx(ff ** 3 + 2 * d * ff * ff + ff ** 3 / 3 + 2 * ff * ff * d)
+
+
+def test_points_kept_whole_are_planned_without_bases_or_residual_statistics():
+    """An MLP-only run on a 7B shape: no d x d bases (five float64 / float32 copies, 0.67 GB at d = 4096)
+    and no residual Gram in the fixed part of a pass; the MLP solve's files are not counted either."""
+    config = {"hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000, "num_attention_heads": 32,
+              "num_key_value_heads": 32}
+    with_bases = footprint(config, 4096, 2, 4, 2, 8, 256, narrow_mlp=True, mlp_in_files=True)
+    whole = footprint(config, 4096, 2, 4, 2, 8, 256, narrow_mlp=True, mlp_in_files=True, bases=False)
+    assert with_bases.pass_fixed - whole.pass_fixed == 5 * 8 * 4096 ** 2 + 8 * 4096 ** 2
+    assert whole.step <= with_bases.step - 5 * 8 * 4096 ** 2

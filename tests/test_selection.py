@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import streamresize
+from streamresize.errors import StreamResizeError
 from helpers import CALIB, cli, compress_args, dense_logits, read_config, tree_digest
 
 
@@ -122,3 +123,83 @@ def test_target_size_with_global_allocation_spends_the_budget_to_one_multiple(ti
     sizes = read_config(tmp_path / "out")["intermediate_sizes"]
     assert all(s % 8 == 0 for s in sizes)
     assert result["parameters"] <= 0.8 * source < result["parameters"] + 3 * 64 * 8  # one more multiple would not fit
+
+
+def test_the_joint_allocator_takes_the_cheapest_error_per_parameter_until_the_budget_is_met():
+    from streamresize.methods.allocation import allocate
+    neurons = [0, 1, 2, 3, 4]     # error after 0..4 steps of 10 parameters: 0.1 per parameter
+    heads = [0, 5, 30]            # steps of 100 parameters: 0.05, then 0.25 per parameter
+    assert allocate([neurons, heads], [10, 100], remove=100) == [0, 1]
+    assert allocate([neurons, heads], [10, 100], remove=130) == [3, 1]   # then the neurons, not the dear round
+    assert allocate([neurons, heads], [10, 100], remove=125) == [3, 1]   # at least the budget, one step over at most
+    assert allocate([neurons, heads], [10, 100], remove=40, max_steps=[4, 0]) == [4, 0]  # heads held whole
+    with pytest.raises(StreamResizeError, match="cannot remove"):
+        allocate([neurons, heads], [10, 100], remove=1000)
+
+
+def _without_heads(weights, prefix, kept_rows):
+    """q rows and o columns of the kept query heads only (k, v untouched: grouped-query attention)."""
+    weights[prefix + "self_attn.q_proj.weight"] = weights[prefix + "self_attn.q_proj.weight"][kept_rows]
+    weights[prefix + "self_attn.o_proj.weight"] = weights[prefix + "self_attn.o_proj.weight"][:, kept_rows]
+
+
+def test_per_block_head_counts_load_as_the_model_with_those_heads_silenced(tiny_model, texts, tmp_path):
+    """The bundled modeling's per-block head counts (`attention_heads`): an output whose blocks 1..3 keep
+    query heads 0 and 2 of 4 (one per KV group) computes what the dense model computes with heads 1 and 3
+    of those blocks silenced (their o_proj columns zero)."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    _compress(tiny_model, out, texts, method="prune", sparsity=0.0, mlp_sparsity=0.0, save_format="bundled")
+    config = read_config(out)
+    kept = torch.cat([torch.arange(0, 16), torch.arange(32, 48)])  # heads 0 and 2, head_dim 16
+    for shard in glob.glob(os.path.join(out, "model-block-*.safetensors")):
+        weights = load_file(shard)
+        for name in list(weights):
+            if name.endswith("self_attn.q_proj.weight") and not name.startswith("model.layers.0."):
+                _without_heads(weights, name[:-len("self_attn.q_proj.weight")], kept)
+        save_file(weights, shard, metadata={"format": "pt"})
+    config["attention_heads"] = [[4, 2]] + [[2, 2]] * (config["num_hidden_layers"] - 1)
+    with open(out / "config.json", "w") as f:
+        json.dump(config, f)
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in reference.model.layers[1:]:
+            for head in (1, 3):
+                layer.self_attn.o_proj.weight[:, head * 16:(head + 1) * 16] = 0
+        ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(4))
+        expected = reference(ids).logits
+        got = streamresize.load(str(out))(ids).logits
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_global_head_allocation_meets_the_budget_and_records_per_block_heads(tiny_model_tied, texts, tmp_path):
+    from streamresize.checkpoint import parameter_count
+    from streamresize.methods import slicing
+
+    source = parameter_count(tiny_model_tied)
+    options = dict(method="dotresize", sparsity=0.0, target_size=0.75, mlp_ratio="fill", allocation="global",
+                   method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "global"})
+    result = _compress(tiny_model_tied, tmp_path / "out", texts, **options)
+    config = read_config(tmp_path / "out")
+    record = config["streamresize"]
+    heads = [h[0] for h in config["attention_heads"]] if "attention_heads" in config else \
+        [config["num_attention_heads"]] * config["num_hidden_layers"]
+    removed = [4 - h for h in heads]
+    assert set(heads) <= {2, 4} and sum(removed) > 0  # heads went somewhere: the tiny model's are cheap per parameter
+    assert [a["heads"] for a in record["attention"]] == [h for h in heads if h < 4]
+    head_round = 2 * 16 * (64 + 64)  # two query heads (one per KV group): q rows and o columns
+    assert result["parameters"] <= 0.75 * source < result["parameters"] + max(head_round, 3 * 64 * 8)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.isfinite(streamresize.load(str(tmp_path / "out"))(ids).logits).all()
+    with pytest.raises(StreamResizeError, match="head counts differ per block"):
+        _compress(tiny_model_tied, tmp_path / "stock", texts, save_format="stock", **options)
+    with pytest.raises(StreamResizeError, match="needs --allocation global"):
+        _compress(tiny_model_tied, tmp_path / "uniform", texts, **{**options, "allocation": "uniform"})
+    assert slicing.HEAD_ALLOCATION.default == "uniform"

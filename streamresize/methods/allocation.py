@@ -1,15 +1,49 @@
 """Spending one parameter budget across layers (`--allocation global`): every layer's cost of
-removing its next group of neurons, ranked together, cheapest first.
+removing its next group of neurons (or its next round of attention heads), ranked together, cheapest
+per parameter first.
 
-A layer's curve gives its error after removing r x `multiple` neurons, on a scale that compares
-layers (the block output's error relative to the residual stream it is added to, per token). Removal
-steps are taken greedily by their marginal cost until the budget is met, so the total width kept is
-exactly the uniform allocation's and only its spread differs.
+A curve gives a layer's error after r removal steps, on a scale that compares layers (the block
+output's error relative to the residual stream it is added to, per token). Steps are taken greedily
+by their marginal cost per parameter until the budget is met, so with one kind of step the total
+width kept is exactly the uniform allocation's and only its spread differs.
 """
 
 import heapq
 
 from ..errors import StreamResizeError
+
+
+def allocate(curves, step_parameters, remove, max_steps=None):
+    """Steps taken from each curve: the cheapest marginal error per parameter first, until at least
+    `remove` parameters are gone. Returns the number of steps per curve.
+
+    curves[j][r]: error after r steps of curve j (curves[j][0] = 0); step_parameters[j]: parameters one
+    step of curve j removes; max_steps[j]: the most steps curve j may take (default: its length - 1).
+    """
+    limits = [len(c) - 1 for c in curves] if max_steps is None else [min(m, len(c) - 1)
+                                                                      for m, c in zip(max_steps, curves)]
+    taken = [0] * len(curves)
+
+    def entry(j):
+        r = taken[j]
+        if r >= limits[j]:
+            return None
+        return ((curves[j][r + 1] - curves[j][r]) / step_parameters[j], j)
+
+    heap = [e for e in (entry(j) for j in range(len(curves))) if e is not None]
+    heapq.heapify(heap)
+    removed = 0
+    while removed < remove:
+        if not heap:
+            raise StreamResizeError(f"global allocation: cannot remove {remove} parameters within the smallest "
+                                    f"widths allowed ({removed} at most)")
+        _, j = heapq.heappop(heap)
+        taken[j] += 1
+        removed += step_parameters[j]
+        nxt = entry(j)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    return taken
 
 
 def global_widths(curves, full, keep_total, multiple, min_width=None):
@@ -23,23 +57,9 @@ def global_widths(curves, full, keep_total, multiple, min_width=None):
     if steps < 0 or (sum(full) - keep_total) % multiple:
         raise StreamResizeError(f"global allocation: {keep_total} kept neurons is not the full {sum(full)} "
                                 f"minus a multiple of {multiple}")
-    removed = [0] * len(full)
-
-    def entry(i):
-        r = removed[i]
-        if full[i] - (r + 1) * multiple < min_width or r + 1 >= len(curves[i]):
-            return None
-        return (curves[i][r + 1] - curves[i][r], i)
-
-    heap = [e for e in (entry(i) for i in range(len(full))) if e is not None]
-    heapq.heapify(heap)
-    for _ in range(steps):
-        if not heap:
-            raise StreamResizeError(f"global allocation: cannot remove {steps * multiple} neurons while keeping "
-                                    f"every layer at least {min_width} wide")
-        _, i = heapq.heappop(heap)
-        removed[i] += 1
-        nxt = entry(i)
-        if nxt is not None:
-            heapq.heappush(heap, nxt)
-    return [n - r * multiple for n, r in zip(full, removed)]
+    limits = [max(0, (n - min_width) // multiple) for n in full]
+    if steps > sum(min(m, len(c) - 1) for m, c in zip(limits, curves)):
+        raise StreamResizeError(f"global allocation: cannot remove {steps * multiple} neurons while keeping "
+                                f"every layer at least {min_width} wide")
+    taken = allocate(curves, [multiple] * len(full), steps * multiple, limits)
+    return [n - r * multiple for n, r in zip(full, taken)]

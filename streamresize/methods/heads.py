@@ -41,9 +41,37 @@ class HeadLayout:
         kv = max(1, round(self.kv_heads * (1 - sparsity)))
         return HeadLayout(kv, kv, self.head_dim)
 
+    @property
+    def rounds(self):
+        """How many removal rounds the layout allows (a round: one query head from every KV group, or one
+        whole head where each query head has its own KV head); at least one head per group stays."""
+        return self.group - 1 if self.group > 1 else self.heads - 1
+
+    def after(self, rounds):
+        """The layout after `rounds` removal rounds."""
+        if self.group > 1:
+            return HeadLayout(self.heads - rounds * self.kv_heads, self.kv_heads, self.head_dim)
+        return HeadLayout(self.heads - rounds, self.kv_heads - rounds, self.head_dim)
+
     def rows(self, heads):
         """Row indices of the given heads in a q (or k/v) projection."""
         return (torch.tensor(heads)[:, None] * self.head_dim + torch.arange(self.head_dim)[None, :]).flatten()
+
+
+def _head_order(gram, w_o, layout, remove):
+    """Greedy OBS order of `remove` query heads (per KV group under grouped-query attention)."""
+    rounds = None
+    if layout.group > 1:
+        rounds = [set(range(k * layout.group, (k + 1) * layout.group)) for k in range(layout.kv_heads)]
+    return obs_order(gram, w_o, group=layout.head_dim, remove=remove, damp=OBS_DAMP, rounds=rounds)
+
+
+def head_curve(gram, w_o, layout):
+    """o_proj's output error after 0, 1, ... `layout.rounds` removal rounds (OBS with the refit), in the
+    units of `gram` (for `--allocation global`)."""
+    per_round = layout.heads - layout.after(1).heads if layout.rounds else 0
+    order = _head_order(gram, w_o, layout, layout.rounds * per_round)
+    return [order.cost(r * per_round) for r in range(layout.rounds + 1)]
 
 
 def select_heads(gram, w_o, layout, kept):
@@ -52,19 +80,11 @@ def select_heads(gram, w_o, layout, kept):
     gram: E[z zᵀ] of o_proj's input z (heads x head_dim wide); w_o: d x (heads x head_dim)."""
     if kept.head_dim != layout.head_dim or kept.kv_heads > layout.kv_heads:
         raise StreamResizeError(f"cannot narrow {layout} to {kept}")
-    if layout.group > 1:
-        if kept.kv_heads != layout.kv_heads:
-            raise StreamResizeError("with grouped-query attention only query heads are removed, per KV group")
-        remove = layout.heads - kept.heads
-        rounds = [set(range(k * layout.group, (k + 1) * layout.group)) for k in range(layout.kv_heads)]
-        order = obs_order(gram, w_o, group=layout.head_dim, remove=remove, damp=OBS_DAMP, rounds=rounds)
-        heads = order.kept(layout.heads, remove)
-        kv = list(range(layout.kv_heads))
-    else:
-        remove = layout.heads - kept.heads
-        order = obs_order(gram, w_o, group=layout.head_dim, remove=remove, damp=OBS_DAMP)
-        heads = order.kept(layout.heads, remove)
-        kv = heads
+    if layout.group > 1 and kept.kv_heads != layout.kv_heads:
+        raise StreamResizeError("with grouped-query attention only query heads are removed, per KV group")
+    remove = layout.heads - kept.heads
+    heads = _head_order(gram, w_o, layout, remove).kept(layout.heads, remove)
+    kv = list(range(layout.kv_heads)) if layout.group > 1 else heads
     columns = layout.rows(heads).to(gram.device)
     merged = refit(gram, w_o, columns)
     info = {"heads": len(heads), "of": layout.heads, "kept": heads,

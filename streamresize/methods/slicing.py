@@ -17,18 +17,18 @@ from safetensors.torch import load_file
 
 from ..budget import output_parameters, widths_for_target
 from ..errors import StreamResizeError
-from ..formats import SHORTCUT_PROBLEM
+from ..formats import HEADS_PROBLEM, SHORTCUT_PROBLEM
 from ..plan import MethodFootprint
 from ..modeling.modeling_streamresize import StreamResizeConfig, attention_inputs, decoder_layer_class, layer_type
 from ..precision import compute_in
 from ..runtime import crash_point, fault_point, peak_memory_mb
 from ..statistics import Moments, gram_product, pca_error, relative_error, scratch_matrix
-from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut
+from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut, through
 from ..writer import atomic_write_json, save_tensors
 from . import dotresize, pca, prune, target_width, width_multiples
 from .base import WidthMethod
-from .allocation import global_widths
-from .heads import HeadLayout, select_heads
+from .allocation import allocate, global_widths
+from .heads import HeadLayout, head_curve, select_heads
 from .neurons import OBS_DAMP, narrow_mlp
 from .obs import obs_order, solve_ridged
 from .options import Option
@@ -69,6 +69,10 @@ MLP_TARGET = Option("prefix", str, "what down_proj is refitted to when MLP neuro
                     "block)", choices=("prefix", "dense"), recorded=False)
 TARGET_MIX = Option(1.0, float, "mlp_target=dense: weight of the dense target against the prefix one (1: dense "
                     "only)", minimum=0.0, recorded=False)
+HEAD_ALLOCATION = Option("uniform", str, "attention heads: uniform (--attention-sparsity in every block) or global "
+                         "(--allocation global ranks each block's rounds of head removal, one query head per KV "
+                         "group, with the MLP neurons under one parameter budget: per-block head counts, which "
+                         "only the bundled format holds)", choices=("uniform", "global"))
 MLP_READER = Option("ot", str, "how merged MLP neurons are folded into down_proj: ot (the transport map) or lstsq "
                     "(its least-squares refit)", choices=("ot", "lstsq"))
 assert set(dotresize.DEFAULTS) == set(TRANSPORT) | {"reader", "mlp_reader"}
@@ -83,7 +87,7 @@ class SlicingMethod(WidthMethod):
     @classmethod
     def option_spec(cls, recipe):
         spec = {**cls.OPTIONS, "mlp_support": MLP_SUPPORT, "obs_batch": OBS_BATCH, "curve_samples": CURVE_SAMPLES,
-                "curve_scale": CURVE_SCALE}
+                "curve_scale": CURVE_SCALE, "head_allocation": HEAD_ALLOCATION}
         if cls.mlp_method_for(recipe) == "dotresize":  # the MLP neurons are merged by OT: its options apply
             spec = {**{k: Option(o.default, o.kind, o.help, o.choices, o.minimum, o.positive, recorded=False)
                        for k, o in TRANSPORT.items()}, "mlp_reader": Option(
@@ -123,11 +127,27 @@ class SlicingMethod(WidthMethod):
         if self.heads_kept != self.heads_source and r.basis == "shared":
             raise StreamResizeError("--attention-sparsity with --basis shared is not supported yet (the shared basis "
                                     "is fitted on the dense attention); use --basis per-point")
+        self.global_heads = self.options.get("head_allocation", HEAD_ALLOCATION.default) == "global"
+        if self.global_heads:
+            self._check_global_heads()
         self._choose_widths()
+        self.layer_heads = [self.heads_kept] * run.num_layers  # per block; global allocation may spread them
         self.dense_target = self.options.get("mlp_target", MLP_TARGET.default) == "dense"
         if self.dense_target:
             self._check_dense_target()
             self.paired_streams = ("dense",)
+
+    def _check_global_heads(self):
+        run, r = self.run, self.run.recipe
+        if r.allocation != "global":
+            raise StreamResizeError("method option head_allocation=global ranks heads with the MLP neurons: it needs "
+                                    "--allocation global")
+        if r.basis != "per-point" or r.sparsity > 0:
+            raise StreamResizeError("method option head_allocation=global needs the residual kept whole "
+                                    "(--sparsity 0, --basis per-point)")
+        if self.heads_source.rounds == 0:
+            raise StreamResizeError(f"method option head_allocation=global: {run.model_dir} has one query head per "
+                                    "KV group and one KV group; there is no head to remove")
 
     def _check_dense_target(self):
         """The dense stream is compared with the compressed one point by point: both must be the
@@ -174,7 +194,6 @@ class SlicingMethod(WidthMethod):
     # ---- helpers ------------------------------------------------------------------------------
 
     def _fields(self, widths, heads=None):
-        heads = heads or self.heads_kept
         fields = {}
         if heads != self.heads_source:
             fields = dict(num_attention_heads=heads.heads, num_key_value_heads=heads.kv_heads, head_dim=heads.head_dim)
@@ -188,7 +207,7 @@ class SlicingMethod(WidthMethod):
         run = self.run
         widths = [run.hidden] * len(self.widths)  # inside the run, writers stay full width until solved
         widths[2 * i] = k_in
-        config = StreamResizeConfig(**self._fields(widths, heads))
+        config = StreamResizeConfig(**self._fields(widths, heads or self.layer_heads[i]))
         config._attn_implementation = run.block_config._attn_implementation
         with torch.device("meta"):
             layer = decoder_layer_class(config)(config, i)
@@ -198,34 +217,49 @@ class SlicingMethod(WidthMethod):
     def _basis_path(self, step):
         return self.run.work_path(f"basis-{step}.safetensors")
 
-    def _save_basis(self, step, basis, reader):
-        tensors = {"basis": basis.cpu().contiguous()}
-        if reader is not basis:
-            tensors["reader"] = reader.cpu().contiguous()
-        save_tensors(self._basis_path(step), tensors)
+    def _save_basis(self, step, basis, reader, path=None):
+        """A point's basis (None: kept whole, its own coordinates; saved as a marker)."""
+        if basis is None:
+            tensors = {"identity": torch.tensor([self.run.hidden])}
+        else:
+            tensors = {"basis": basis.cpu().contiguous()}
+            if reader is not basis:
+                tensors["reader"] = reader.cpu().contiguous()
+        save_tensors(path or self._basis_path(step), tensors)
 
-    def _load_basis(self, step):
-        """(basis, reader map) of the point a step ended on."""
-        saved = load_file(self._basis_path(step))
+    def _load_basis(self, step, path=None):
+        """(basis, reader map) of the point a step ended on; (None, None) for a point kept whole."""
+        saved = load_file(path or self._basis_path(step))
+        if "basis" not in saved:
+            return None, None
         basis = saved["basis"].to(self.run.device)
         return basis, saved["reader"].to(self.run.device) if "reader" in saved else basis
 
-    def _new_stats(self):
-        return Moments(self.run.hidden, self.run.device)
+    def _kept_whole(self, point):
+        """Whether a point keeps the full residual in its own coordinates (no basis, no statistics)."""
+        return (self.widths[point] == self.run.hidden and self.shared_basis is None
+                and not self.options.get("rotate_full_width", False))
+
+    def _new_stats(self, point):
+        """The point's moments, or None where it is kept whole and needs none."""
+        return None if self._kept_whole(point) else Moments(self.run.hidden, self.run.device)
 
     def _solve_point(self, stats, point, signals):
         """Basis Q and reader map M of one point (M = Q unless readers are refitted), plus its log.
         `signals` names the cache file that holds the point's full-width signals."""
         run = self.run
         width = self.widths[point]
+        if self._kept_whole(point):
+            # Nothing to remove: keep the neuron basis, so no skip-path matrices are needed, and read it
+            # as it is (a refit would only move the readers by its ridge; the identity keeps the head
+            # adapter diagonal, a stock output's final norm).
+            return None, None, {"point": point, "width": width, "local_error": 0.0, "pca_error": 0.0,
+                                "identity": True}
         stats = run.reduce(stats)
         stats.offload(run.work_path(f"stats-{point}.f64"))
         stats.to(run.device)
         if self.shared_basis is not None:
             basis, info = self.shared_basis, {"shared_basis": True}
-        elif width == run.hidden and not self.options.get("rotate_full_width", False):
-            # Nothing to remove: keep the neuron basis, so no skip-path matrices are needed.
-            basis, info = torch.eye(width, dtype=torch.float64, device=run.device), {"identity": True}
         else:
             try:
                 basis, info = type(self).solve(stats, width, self.options)
@@ -233,10 +267,7 @@ class SlicingMethod(WidthMethod):
                 raise StreamResizeError(f"point {point} ({self._point_name(point)}), width {width} of "
                                         f"{run.hidden}: {e}") from e
             fault_point("solved")
-        # A point kept whole in its own basis is read as it is: a refit would only move the readers by
-        # its ridge, and the identity keeps the head adapter diagonal (a stock output's final norm).
-        identity = info.get("identity", False)
-        reader = basis if self.reader_kind == "pinv" or identity else self._refit_reader(signals, basis)
+        reader = basis if self.reader_kind == "pinv" else self._refit_reader(signals, basis)
         info = {"point": point, "width": width, "local_error": relative_error(stats.gram, basis),
                 "pca_error": pca_error(stats.gram, width), **info}
         stats.discard()
@@ -272,7 +303,8 @@ class SlicingMethod(WidthMethod):
 
     def _commit(self, step, next_cache, shard_name, tensors, basis, reader, entry):
         """The step's shard, then its basis (the next step reads it), then the manifest."""
-        self.run.commit_step(step, next_cache, basis.shape[1], shard_name, tensors, entry,
+        width = self.run.hidden if basis is None else basis.shape[1]
+        self.run.commit_step(step, next_cache, width, shard_name, tensors, entry,
                              save=lambda: self._save_basis(step, basis, reader),
                              obsolete=[self._basis_path(step - 1)])
 
@@ -289,17 +321,17 @@ class SlicingMethod(WidthMethod):
         run = self.run
         return attention_inputs(run.block_config, run.rotary, x, layer_type=layer_type(run.block_config, i))
 
-    def _embed_calibration(self, embedding, view, dense_view=None):
+    def _embed_calibration(self, embedding, view, stats, dense_view=None):
         """Embedding output of every calibration sequence into `view` (and `dense_view`, the dense stream's
-        start); returns point 0's statistics."""
+        start), accumulated into `stats` (None: none needed); returns them."""
         run = self.run
-        stats = self._new_stats()
         for rows in run.cache.batches(run.recipe.batch_size):
             x = self._embed(embedding, rows)
             run.cache.write(view, rows, x)
             if dense_view is not None:
                 run.cache.write(dense_view, rows, x)
-            stats.add(x)
+            if stats is not None:
+                stats.add(x)
             fault_point("accumulating")
         view.flush()
         return stats
@@ -314,17 +346,19 @@ class SlicingMethod(WidthMethod):
         progress.set_postfix_str("embedding: calibrating")
         embedding = run.weight(run.family.embedding)
         dense_view = run.cache.view(run.paired("hidden_a")[0], run.hidden) if self.dense_target else None
-        stats = self._embed_calibration(embedding, run.cache.view("hidden_a", run.hidden), dense_view)
+        stats = self._embed_calibration(embedding, run.cache.view("hidden_a", run.hidden), self._new_stats(0),
+                                        dense_view)
         if dense_view is not None:
             dense_view.flush()
         progress.set_postfix_str("embedding: solving")
         basis, reader, point = self._solve_point(stats, 0, "hidden_a")
-        progress.set_postfix_str("embedding: propagating")
-        run.cache.project_in_place("hidden_a", basis, run.recipe.batch_size, run.device)
+        if basis is not None:
+            progress.set_postfix_str("embedding: propagating")
+            run.cache.project_in_place("hidden_a", basis, run.recipe.batch_size, run.device)
         entry = {"step": "embedding", "points": [point], "seconds": time.time() - start}
         tensors = {"model.embed_tokens.weight": rotate_embedding(embedding, basis)}
         if self.tied_head:  # the head adapter needs Q_0 at the very end
-            save_tensors(run.work_path("basis-embedding.safetensors"), {"basis": basis.cpu().contiguous()})
+            self._save_basis(-1, basis, basis, path=run.work_path("basis-embedding.safetensors"))
         self._commit(-1, "hidden_a", "model-embed.safetensors", tensors, basis, reader, entry)
         log.info("embedding: width %d of %d, local error %.4f (pca bound %.4f), %.1fs", point["width"],
                  run.hidden, point["local_error"], point["pca_error"], entry["seconds"])
@@ -344,7 +378,7 @@ class SlicingMethod(WidthMethod):
         # does not see its input side); head removal selects the biases' rows.
         extras = run.block_extras(i)
         heads_point = None
-        if self.heads_kept != self.heads_source:
+        if self.layer_heads[i] != self.heads_source:
             progress.set_postfix_str(f"block {i}: choosing heads")
             readers, w_o, heads_point, extras = self._narrow_heads(i, k_in, readers, w_o, source, extras)
         layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, f.mlp_writer: w_down, **readers, **extras})
@@ -355,15 +389,16 @@ class SlicingMethod(WidthMethod):
         progress.set_postfix_str(f"block {i}: calibrating attention")
         view_in = run.cache.view(source, k_in)
         scratch = run.cache.view("scratch", run.hidden)
-        stats = self._new_stats()
-        basis_in_t = basis_in.float().T.contiguous()
+        stats = self._new_stats(2 * i + 1)
+        basis_in_t = None if basis_in is None else basis_in.float().T.contiguous()
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
                 x = run.cache.read(view_in, rows, run.device)
                 update = layer.attention_update(x, **self._attention_inputs(i, x))
-                signal = x @ basis_in_t + update
+                signal = through(x, basis_in_t) + update
                 run.cache.write(scratch, rows, signal)
-                stats.add(signal)
+                if stats is not None:
+                    stats.add(signal)
                 fault_point("accumulating")
         scratch.flush()
         crash_point(i, "solving")
@@ -376,7 +411,7 @@ class SlicingMethod(WidthMethod):
         # As written from here on: narrowing only selects their rows, and the float64 copies of a 7B
         # gate and up (720 MB) are not held through the MLP solve.
         mlp_readers = run.as_output(mlp_readers)
-        basis_attn_f = basis_attn.float()
+        basis_attn_f = None if basis_attn is None else basis_attn.float()
         mlp_point = None
         dense_out = None
         if self.dense_target:
@@ -390,15 +425,16 @@ class SlicingMethod(WidthMethod):
         # Pass B: MLP on the narrowed post-attention residual; output-point signals -> target.
         progress.set_postfix_str(f"block {i}: calibrating MLP")
         view_out = run.cache.view(target, run.hidden)
-        stats = self._new_stats()
-        basis_attn_t = basis_attn_f.T.contiguous()
+        stats = self._new_stats(2 * i + 2)
+        basis_attn_t = None if basis_attn_f is None else basis_attn_f.T.contiguous()
         drift = torch.zeros(2, dtype=torch.float64, device=run.device)  # ‖y − y_dense‖², ‖y_dense‖²
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
-                narrowed = run.cache.read(scratch, rows, run.device) @ basis_attn_f
-                signal = narrowed @ basis_attn_t + layer.mlp_output(layer.mlp(layer.mlp_input(narrowed)))
+                narrowed = through(run.cache.read(scratch, rows, run.device), basis_attn_f)
+                signal = through(narrowed, basis_attn_t) + layer.mlp_output(layer.mlp(layer.mlp_input(narrowed)))
                 run.cache.write(view_out, rows, signal)
-                stats.add(signal)
+                if stats is not None:
+                    stats.add(signal)
                 if dense_out is not None:
                     y = run.cache.read(dense_out, rows, run.device).double()
                     drift += torch.stack([(signal.double() - y).pow(2).sum(), y.pow(2).sum()])
@@ -411,8 +447,9 @@ class SlicingMethod(WidthMethod):
         progress.set_postfix_str(f"block {i}: solving MLP point")
         basis_out, reader_out, point_mlp = self._solve_point(stats, 2 * i + 2, target)
         crash_point(i, "propagating")
-        progress.set_postfix_str(f"block {i}: propagating")
-        run.cache.project_in_place(target, basis_out, run.recipe.batch_size, run.device)
+        if basis_out is not None:
+            progress.set_postfix_str(f"block {i}: propagating")
+            run.cache.project_in_place(target, basis_out, run.recipe.batch_size, run.device)
 
         progress.set_postfix_str(f"block {i}: writing")
         del layer  # its weights are copies; free them before the float64 writers are made
@@ -447,40 +484,69 @@ class SlicingMethod(WidthMethod):
                  entry["peak_file_mb"], f", GPU {gpu:.0f} MB" if gpu else "")
 
     def prepare(self, first, progress):
-        if self.run.recipe.allocation == "global" and min(self.intermediate_sizes) < self.run.source_config[
-                "intermediate_size"]:
-            self._allocate_mlp_widths(first, progress)
+        if self.run.recipe.allocation == "global" and (self.global_heads or min(self.intermediate_sizes) < self.run.source_config[
+                "intermediate_size"]):
+            self._allocate_widths(first, progress)
         if self.run.recipe.basis == "shared" and first < self.run.num_layers:
             self.shared_basis = self._fit_shared_basis(progress)
 
-    # ---- global allocation of MLP widths --------------------------------------------------------
+    # ---- global allocation of MLP widths (and heads) ----------------------------------------------
 
-    def _allocate_mlp_widths(self, first, progress):
-        """Per-layer MLP widths with the uniform allocation's total, spread by each layer's OBS error
-        curve on the dense model (saved, so a resumed run reuses them)."""
+    def _allocate_widths(self, first, progress):
+        """Per-block MLP widths (with head_allocation=global, head counts too) for the run's budget,
+        spread by every block's OBS error curves on the dense model (saved, so a resumed run reuses them)."""
         run, multiple = self.run, self.multiples[1]
         full = run.source_config["intermediate_size"]
         path = run.work_path("mlp-curves.json")
         if os.path.exists(path):
             with open(path) as f:
-                curves = json.load(f)["curves"]
+                saved = json.load(f)
         elif first > -1:
             raise StreamResizeError(f"{run.work_dir}: the MLP error curves of this run are missing; rerun with "
                                     "--restart")
         else:
             start = time.time()
-            curves = self._measure_mlp_curves(progress, multiple)
-            scale = self.options.get("curve_scale", CURVE_SCALE.default)
-            atomic_write_json(path, {"multiple": multiple, "scale": scale, "curves": curves})
-            log.info("MLP error curves of %d blocks in %.1fs", run.num_layers, time.time() - start)
+            saved = {"multiple": multiple, "scale": self.options.get("curve_scale", CURVE_SCALE.default),
+                     **self._measure_curves(progress, multiple)}
+            atomic_write_json(path, saved)
+            log.info("error curves of %d blocks in %.1fs", run.num_layers, time.time() - start)
         uniform = self.intermediate_sizes
+        if self.global_heads:
+            self._allocate_jointly(saved["curves"], saved["head_curves"], multiple)
+            return
         total = sum(uniform)
         if run.recipe.target_size is not None:
             # Per-block widths need not be equal: spend the whole budget, to one multiple of one block.
             total = max(total, min(full * run.num_layers, self._mlp_neuron_budget() // multiple * multiple))
-        self.intermediate_sizes = global_widths(curves, [full] * run.num_layers, total, multiple)
+        self.intermediate_sizes = global_widths(saved["curves"], [full] * run.num_layers, total, multiple)
         log.info("global allocation of MLP widths (uniform %d): %s", uniform[0],
                  " ".join(str(w) for w in self.intermediate_sizes))
+
+    def _allocate_jointly(self, mlp_curves, head_curves, multiple):
+        """MLP neuron groups and rounds of attention heads of every block ranked together, by error per
+        parameter, until the budget is met: --target-size, or else the uniform widths' total."""
+        run, r, c = self.run, self.run.recipe, self.run.source_config
+        layers, full, source = run.num_layers, c["intermediate_size"], self.heads_source
+
+        def parameters(config, intermediate):
+            return output_parameters(config, run.hidden, intermediate, False, self.tied_head, adapter=self.head_adapter)
+
+        dense = parameters(c, full)
+        keep = (r.target_size * run.reader.parameter_count() if r.target_size is not None
+                else parameters(self._head_config(), self.intermediate_sizes[0]))
+        one_round = source.after(1)
+        head_step = (dense - parameters({**c, "num_attention_heads": one_round.heads,
+                                         "num_key_value_heads": one_round.kv_heads, "head_dim": source.head_dim},
+                                        full)) // layers
+        mlp_step = (dense - parameters(c, full - multiple)) // layers
+        taken = allocate(mlp_curves + head_curves, [mlp_step] * layers + [head_step] * layers, dense - keep,
+                         [(full - multiple) // multiple] * layers + [source.rounds] * layers)
+        uniform = self.intermediate_sizes[0]
+        self.intermediate_sizes = [full - n * multiple for n in taken[:layers]]
+        self.layer_heads = [source.after(n) for n in taken[layers:]]
+        log.info("global allocation of MLP widths / query heads (uniform %d / %d): %s", uniform,
+                 self.heads_kept.heads, " ".join(f"{w}/{h.heads}" for w, h in zip(self.intermediate_sizes,
+                                                                                    self.layer_heads)))
 
     def _mlp_neuron_budget(self):
         """MLP neurons (summed over blocks) that --target-size leaves after everything else is counted."""
@@ -501,10 +567,12 @@ class SlicingMethod(WidthMethod):
         layer = self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}, heads=self.heads_source)
         return layer, weights[f.mlp_writer]
 
-    def _measure_mlp_curves(self, progress, multiple):
-        """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), on
-        dense inputs from the first `curve_samples` sequences; tokens weighted by 1/‖y‖² of the block
-        output under the `residual` scale, so the errors of different layers compare."""
+    def _measure_curves(self, progress, multiple):
+        """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), and
+        with head_allocation=global its attention error after 0, 1, ... rounds of heads, on dense inputs
+        from the first `curve_samples` sequences. Under the `residual` scale tokens are weighted by
+        1/‖r‖² of the residual the sublayer's output joins (after the MLP: the block output; after
+        attention: h), so the errors of different layers and sublayers compare."""
         run, d = self.run, self.run.hidden
         n = min(run.ids.shape[0], int(self.options.get("curve_samples", CURVE_SAMPLES.default)))
         batches = [(a, min(b, n)) for a, b in run.cache.batches(run.recipe.batch_size) if a < n]
@@ -514,15 +582,27 @@ class SlicingMethod(WidthMethod):
             run.cache.write(views[0], rows, self._embed(embedding, rows))
         views[0].flush()
         del embedding
-        curves = []
+        curves, head_curves = [], []
         relative = self.options.get("curve_scale", CURVE_SCALE.default) == "residual"
+
+        def token_weights(residual):
+            if not relative:
+                return 1.0
+            return 1.0 / residual.reshape(-1, d).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+
         with torch.no_grad():
             for i in range(run.num_layers):
-                progress.set_postfix_str(f"MLP error curves: block {i}")
+                progress.set_postfix_str(f"error curves: block {i}")
                 layer, down = self._dense_layer(i)
                 source, target = views[i % 2], views[(i + 1) % 2]
                 width = down.shape[1]
                 gram = torch.zeros(width, width, dtype=torch.float64, device=run.device)
+                heads = None
+                if self.global_heads:
+                    w_o = layer.self_attn.o_proj.weight
+                    heads = {"gram": torch.zeros(w_o.shape[1], w_o.shape[1], dtype=torch.float64, device=run.device)}
+                    hook = layer.self_attn.o_proj.register_forward_pre_hook(
+                        lambda module, args: heads.__setitem__("z", args[0]))
                 tokens = 0
                 for rows in batches:
                     x = run.cache.read(source, rows, run.device)
@@ -531,21 +611,29 @@ class SlicingMethod(WidthMethod):
                     y = h + layer.mlp_output(layer.mlp.down_proj(a))
                     run.cache.write(target, rows, y)
                     a = a.reshape(-1, width).double()
-                    weight = (1.0 / y.reshape(-1, d).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
-                              if relative else 1.0)
-                    gram += gram_product(a * weight, a)
+                    gram += gram_product(a * token_weights(y), a)
+                    if heads is not None:
+                        z = heads.pop("z").reshape(h.numel() // d, -1).double()
+                        heads["gram"] += gram_product(z * token_weights(h), z)
                     tokens += a.shape[0]
                     fault_point("accumulating")
-                gram = run.reduce_tensors(gram)[0] / run.reduce_count(tokens)
+                tokens = run.reduce_count(tokens)
+                gram = run.reduce_tensors(gram)[0] / tokens
                 target.flush()
                 steps = (width - multiple) // multiple
                 order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple)
                 curves.append([order.cost(r * multiple) for r in range(steps + 1)])
+                if heads is not None:
+                    hook.remove()
+                    head_gram = run.reduce_tensors(heads["gram"])[0] / tokens
+                    head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source))
                 del layer, gram
                 fault_point("curves")
-                log.info("MLP error curve block %d: error %.3g at %d%% of the neurons removed", i,
-                         curves[-1][len(curves[-1]) // 2], 100 * (len(curves[-1]) // 2) * multiple // width)
-        return curves
+                log.info("error curves, block %d: MLP %.3g at %d%% of the neurons removed%s", i,
+                         curves[-1][len(curves[-1]) // 2], 100 * (len(curves[-1]) // 2) * multiple // width,
+                         f", attention {' '.join(f'{e:.3g}' for e in head_curves[-1][1:])} after each round of "
+                         "heads" if heads is not None else "")
+        return {"curves": curves, **({"head_curves": head_curves} if self.global_heads else {})}
 
     def _fit_shared_basis(self, progress):
         """One basis for every point (`--basis shared`): a pass over the dense model accumulates each
@@ -565,7 +653,7 @@ class SlicingMethod(WidthMethod):
 
         progress.set_postfix_str("shared basis: embedding")
         views = [run.cache.view("hidden_a", d), run.cache.view("hidden_b", d)]
-        add_point(self._embed_calibration(run.weight(f.embedding), views[0]))
+        add_point(self._embed_calibration(run.weight(f.embedding), views[0], Moments(d, run.device)))
         for i in range(run.num_layers):
             progress.set_postfix_str(f"shared basis: block {i}")
             attn_norm, mlp_norm = run.block_weight(i, f.attn_norm), run.block_weight(i, f.mlp_norm)
@@ -599,7 +687,7 @@ class SlicingMethod(WidthMethod):
         whose removal (o_proj refitted on the rest) costs the attention output least. `extras` (reader
         biases, per-head norms) are returned with the kept heads' rows."""
         run, f = self.run, self.run.family
-        layout, kept = self.heads_source, self.heads_kept
+        layout, kept = self.heads_source, self.layer_heads[i]
         layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, **readers, **extras}, heads=layout)
         width = layout.heads * layout.head_dim
         stats = Moments(width, run.device)
@@ -655,7 +743,7 @@ class SlicingMethod(WidthMethod):
         cross = None if dense_out is None else torch.zeros(w_down.shape, dtype=torch.float64, device=run.device)
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
-                residual = run.cache.read(scratch, rows, run.device) @ basis_attn_f
+                residual = through(run.cache.read(scratch, rows, run.device), basis_attn_f)
                 a = run.family.mlp_hidden(layer.mlp, layer.mlp_input(residual))
                 stats.add(a)
                 if cross is not None:
@@ -695,7 +783,9 @@ class SlicingMethod(WidthMethod):
                 head["lm_head.weight"] = by_rows(lambda rows: rotate_reader(rows, reader_last), source)
             return head
         if self.tied_head:
-            basis_0 = load_file(run.work_path("basis-embedding.safetensors"))["basis"].to(run.device)
+            basis_0, _ = self._load_basis(-1, path=run.work_path("basis-embedding.safetensors"))
+            if basis_0 is None:
+                basis_0 = torch.eye(run.hidden, dtype=torch.float64, device=run.device)
             return {"head_adapter.weight": rotate_reader(fold_norm(basis_0.T, scale), reader_last)}
         head = run.weight(f.head if run.reader.has(f.head) else f.embedding)
         return {"lm_head.weight": by_rows(lambda rows: rotate_reader(fold_norm(rows, scale), reader_last), head)}
@@ -707,9 +797,12 @@ class SlicingMethod(WidthMethod):
                       shortcuts=[[f"model.layers.{i}.{n}.weight" in weight_map for n in ("attn_shortcut", "mlp_shortcut")]
                                  for i in range(self.run.num_layers)],
                       tie_word_embeddings=self.tied_head, head_adapter=self.head_adapter)
-        if self.heads_kept != self.heads_source:
-            config.update(num_attention_heads=self.heads_kept.heads, num_key_value_heads=self.heads_kept.kv_heads,
-                          head_dim=self.heads_kept.head_dim)
+        if len(set(self.layer_heads)) > 1:  # per-block query heads: only the bundled modeling holds them
+            config.update(attention_heads=[[h.heads, h.kv_heads] for h in self.layer_heads],
+                          head_dim=self.heads_source.head_dim)
+        elif self.layer_heads[0] != self.heads_source:
+            kept = self.layer_heads[0]
+            config.update(num_attention_heads=kept.heads, num_key_value_heads=kept.kv_heads, head_dim=kept.head_dim)
         return config
 
     def stock_problem(self):
@@ -719,13 +812,15 @@ class SlicingMethod(WidthMethod):
         if self.run.recipe.basis == "per-point" and rotates and (min(self.widths) < self.run.hidden
                                                                  or self.options.get("rotate_full_width")):
             return SHORTCUT_PROBLEM
+        if self.global_heads:
+            return HEADS_PROBLEM
         return None
 
     def record(self, steps):
         timing = ("solve_seconds",)  # in the run log, not in config.json: an output's bytes do not depend on the clock
         record = {"mlp_method": self.mlp_method,
                   "mlp": [{k: v for k, v in step["mlp"].items() if k not in timing} for step in steps if step.get("mlp")]}
-        if self.heads_kept != self.heads_source:
+        if any(h != self.heads_source for h in self.layer_heads):
             record["attention"] = [step["attention"] for step in steps if step.get("attention")]
         return record
 
@@ -744,7 +839,7 @@ class SlicingMethod(WidthMethod):
             eigh_points=[not f and per_point and (self.name == "pca" or self.options.get("support") == "pca")
                          for f in full],
             refit_readers=self.reader_kind == "lstsq", mlp_in_files=run.device.type == "cpu",
-            mlp_obs=self.options.get("mlp_support") == "obs")
+            mlp_obs=self.options.get("mlp_support") == "obs", kept_whole=all(full) and per_point)
 
 
 class PcaMethod(SlicingMethod):

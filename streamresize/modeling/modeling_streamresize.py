@@ -94,6 +94,7 @@ class StreamResizeConfig(LlamaConfig):
     base_model_type: str = "llama"
     residual_widths: list | None = None
     intermediate_sizes: list | None = None
+    attention_heads: list | None = None  # per block [query heads, KV heads], where they differ per block
     shortcuts: list | None = None
     head_adapter: bool = False
     disp_widths: list | None = None  # per block, sizes of the index sets I1..I5 (DISP_GROUPS)
@@ -121,6 +122,12 @@ class StreamResizeConfig(LlamaConfig):
 
     def intermediate(self, layer):
         return self.intermediate_sizes[layer] if self.intermediate_sizes else self.intermediate_size
+
+    def heads(self, layer):
+        """(query heads, KV heads) of block `layer`."""
+        if self.attention_heads:
+            return tuple(self.attention_heads[layer])
+        return self.num_attention_heads, self.num_key_value_heads
 
     def has_shortcut(self, layer, half):
         return bool(self.shortcuts[layer][half]) if self.shortcuts else False
@@ -212,10 +219,11 @@ class StreamResizeDecoderLayer(nn.Module):
         attention_cls, mlp_cls, *_ = family_classes(config.base_model_type)
         k_in, k_attn, k_mlp = (config.width(2 * layer_idx + p) for p in range(3))
         d_ff = config.intermediate(layer_idx)
-        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        (heads, kv_heads), head_dim = config.heads(layer_idx), config.head_dim
         bias = config.has_bias
 
         self.self_attn = attention_cls(config, layer_idx)
+        self.self_attn.num_key_value_groups = heads // kv_heads  # this block's own head counts
         self.self_attn.q_proj = _linear(k_in, heads * head_dim, bias("self_attn.q_proj"))
         self.self_attn.k_proj = _linear(k_in, kv_heads * head_dim, bias("self_attn.k_proj"))
         self.self_attn.v_proj = _linear(k_in, kv_heads * head_dim, bias("self_attn.v_proj"))
@@ -276,9 +284,10 @@ class KeptNormDecoderLayer(nn.Module):
         if config.residual_widths and set(config.residual_widths) != {config.hidden_size}:
             raise ValueError("a block whose norms keep their weights needs the whole residual width")
         d, d_ff = config.hidden_size, config.intermediate(layer_idx)
-        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        (heads, kv_heads), head_dim = config.heads(layer_idx), config.head_dim
         bias = config.has_bias
         self.self_attn = attention_cls(eager_if_softcapped(config), layer_idx)
+        self.self_attn.num_key_value_groups = heads // kv_heads  # this block's own head counts
         self.self_attn.q_proj = _linear(d, heads * head_dim, bias("self_attn.q_proj"))
         self.self_attn.k_proj = _linear(d, kv_heads * head_dim, bias("self_attn.k_proj"))
         self.self_attn.v_proj = _linear(d, kv_heads * head_dim, bias("self_attn.v_proj"))
