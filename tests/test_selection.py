@@ -203,3 +203,70 @@ def test_global_head_allocation_meets_the_budget_and_records_per_block_heads(tin
     with pytest.raises(StreamResizeError, match="needs --allocation global"):
         _compress(tiny_model_tied, tmp_path / "uniform", texts, **{**options, "allocation": "uniform"})
     assert slicing.HEAD_ALLOCATION.default == "uniform"
+
+
+def test_global_head_allocation_without_grouped_query_attention_removes_whole_heads(tokenizer, texts, tmp_path):
+    """One query head per KV head: a round removes one whole head (its q, k, v rows and o columns), and the
+    output's per-block KV head counts follow; the bundled output loads and its shapes match its config."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    from tiny import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "mha"), tokenizer, num_key_value_heads=4, layers=3, seed=7)
+    _compress(model, tmp_path / "out", texts, method="dotresize", sparsity=0.0, target_size=0.75, mlp_ratio="fill",
+              allocation="global", method_options={"mlp_support": "obs", "mlp_reader": "lstsq",
+                                                   "head_allocation": "global"})
+    config = read_config(tmp_path / "out")
+    heads = config.get("attention_heads") or [[config["num_attention_heads"], config["num_key_value_heads"]]] * 3
+    assert all(q == kv for q, kv in heads) and min(q for q, _ in heads) < 4
+    weights = {}
+    for shard in glob.glob(os.path.join(tmp_path / "out", "*.safetensors")):
+        weights.update(load_file(shard))
+    for i, (q, kv) in enumerate(heads):
+        assert weights[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] == kv * 16
+        assert weights[f"model.layers.{i}.self_attn.o_proj.weight"].shape[1] == q * 16
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.isfinite(streamresize.load(str(tmp_path / "out"))(ids).logits).all()
+
+
+def test_error_curves_see_through_the_norm_after_each_sublayer(tokenizer, texts, tmp_path, caplog):
+    """Gemma's norms after attention and after the MLP undo any scale of o_proj and down_proj: a model
+    with block 1's writers x 10 computes the same function, so its error curves must be the same (without
+    the norm's gain in the token weights, block 1's curves would be 100x the other model's)."""
+    import glob
+    import logging
+    import os
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tiny import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "gemma"), tokenizer, architecture="gemma3", tie=True, layers=3, seed=8,
+                            sliding_window=8, query_pre_attn_scalar=24)
+    scaled = str(tmp_path / "scaled")
+    shutil.copytree(model, scaled)
+    for shard in glob.glob(os.path.join(scaled, "*.safetensors")):
+        weights = load_file(shard)
+        for name in weights:
+            if name.startswith("model.layers.1.") and name.endswith(("mlp.down_proj.weight", "self_attn.o_proj.weight")):
+                weights[name] = weights[name] * 10
+        save_file(weights, shard, metadata={"format": "pt"})
+    curves = {}
+    for name, path in (("source", model), ("scaled", scaled)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="streamresize"):
+            _compress(path, tmp_path / f"out-{name}", texts, method="dotresize", sparsity=0.0, mlp_sparsity=0.5,
+                      allocation="global", width_multiple=8,
+                      method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "global"})
+        curves[name] = [line for line in caplog.messages if line.startswith("error curves, block")]
+        assert len(curves[name]) == 3
+    numbers = {k: [[float(x) for x in re.findall(r"\d+\.?\d*(?:e[-+]\d+)?", line)[1:]] for line in v]
+               for k, v in curves.items()}
+    for source, scaled_ in zip(numbers["source"], numbers["scaled"]):
+        assert source == pytest.approx(scaled_, rel=0.02), (curves["source"], curves["scaled"])

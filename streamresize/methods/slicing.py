@@ -572,7 +572,9 @@ class SlicingMethod(WidthMethod):
         with head_allocation=global its attention error after 0, 1, ... rounds of heads, on dense inputs
         from the first `curve_samples` sequences. Under the `residual` scale tokens are weighted by
         1/‖r‖² of the residual the sublayer's output joins (after the MLP: the block output; after
-        attention: h), so the errors of different layers and sublayers compare."""
+        attention: h), so the errors of different layers and sublayers compare. Where a norm follows each
+        sublayer (Gemma), it rescales the error with the output: tokens are also weighted by that norm's
+        gain ‖norm(m)‖² / ‖m‖² on the writer's output m."""
         run, d = self.run, self.run.hidden
         n = min(run.ids.shape[0], int(self.options.get("curve_samples", CURVE_SAMPLES.default)))
         batches = [(a, min(b, n)) for a, b in run.cache.batches(run.recipe.batch_size) if a < n]
@@ -584,11 +586,15 @@ class SlicingMethod(WidthMethod):
         del embedding
         curves, head_curves = [], []
         relative = self.options.get("curve_scale", CURVE_SCALE.default) == "residual"
+        post_norms = not run.family.norms_folded
 
-        def token_weights(residual):
-            if not relative:
-                return 1.0
-            return 1.0 / residual.reshape(-1, d).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+        def energies(t):
+            return t.reshape(-1, t.shape[-1]).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+
+        def token_weights(residual, added=None, written=None):
+            """1/‖residual‖² (relative scale), times the post-sublayer norm's gain ‖added‖² / ‖written‖²."""
+            weight = 1.0 / energies(residual) if relative else 1.0
+            return weight * (energies(added) / energies(written)) if post_norms else weight
 
         with torch.no_grad():
             for i in range(run.num_layers):
@@ -601,20 +607,24 @@ class SlicingMethod(WidthMethod):
                 if self.global_heads:
                     w_o = layer.self_attn.o_proj.weight
                     heads = {"gram": torch.zeros(w_o.shape[1], w_o.shape[1], dtype=torch.float64, device=run.device)}
-                    hook = layer.self_attn.o_proj.register_forward_pre_hook(
-                        lambda module, args: heads.__setitem__("z", args[0]))
+                    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+                        lambda module, args: heads.__setitem__("z", args[0])),
+                        layer.self_attn.o_proj.register_forward_hook(
+                            lambda module, args, out: heads.__setitem__("o", out))]
                 tokens = 0
                 for rows in batches:
                     x = run.cache.read(source, rows, run.device)
                     h = layer.attention_residual(x, **self._attention_inputs(i, x))
                     a = run.family.mlp_hidden(layer.mlp, layer.mlp_input(h))
-                    y = h + layer.mlp_output(layer.mlp.down_proj(a))
+                    m = layer.mlp.down_proj(a)
+                    u = layer.mlp_output(m)
+                    y = h + u
                     run.cache.write(target, rows, y)
                     a = a.reshape(-1, width).double()
-                    gram += gram_product(a * token_weights(y), a)
+                    gram += gram_product(a * token_weights(y, u, m), a)
                     if heads is not None:
                         z = heads.pop("z").reshape(h.numel() // d, -1).double()
-                        heads["gram"] += gram_product(z * token_weights(h), z)
+                        heads["gram"] += gram_product(z * token_weights(h, h - x, heads.pop("o")), z)
                     tokens += a.shape[0]
                     fault_point("accumulating")
                 tokens = run.reduce_count(tokens)
@@ -624,7 +634,8 @@ class SlicingMethod(WidthMethod):
                 order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple)
                 curves.append([order.cost(r * multiple) for r in range(steps + 1)])
                 if heads is not None:
-                    hook.remove()
+                    for hook in hooks:
+                        hook.remove()
                     head_gram = run.reduce_tensors(heads["gram"])[0] / tokens
                     head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source))
                 del layer, gram
