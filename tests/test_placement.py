@@ -229,3 +229,16 @@ def test_points_kept_whole_are_planned_without_bases_or_residual_statistics():
     whole = footprint(config, 4096, 2, 4, 2, 8, 256, narrow_mlp=True, mlp_in_files=True, bases=False)
     assert with_bases.pass_fixed - whole.pass_fixed == 5 * 8 * 4096 ** 2 + 8 * 4096 ** 2
     assert whole.step <= with_bases.step - 5 * 8 * 4096 ** 2
+
+
+def test_a_global_allocation_is_planned_with_every_mlp_narrowed(tiny_model, texts, tmp_path):
+    """Global allocation decides the MLP widths after the plan: the plan must still count the MLP
+    neurons' statistics and solve in every block (it used to plan the source's width: nothing narrowed)."""
+    options = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, width_multiple=8,
+                   method_options={"mlp_support": "obs", "mlp_reader": "lstsq"})
+    uniform = make_plan(_compressor(tiny_model, tmp_path / "u", texts, **options))
+    spread = make_plan(_compressor(tiny_model, tmp_path / "g", texts, allocation="global", **options))
+    ff = 96
+    for a, b in zip(uniform.steps[1:-1], spread.steps[1:-1]):
+        assert a.statistics_bytes == b.statistics_bytes == 8 * (ff * ff + 2 * ff)
+        assert b.flops["float64"] >= a.flops["float64"]

@@ -842,9 +842,11 @@ class SlicingMethod(WidthMethod):
         selection = self.name == "prune" and self.reader_kind == "pinv"
         per_point = r.basis == "per-point"
         return MethodFootprint(
-            # global allocation decides per-block MLP widths in prepare(): plan for the widest, the source's
+            # global allocation decides per-block MLP widths in prepare(): plan every block for the widest
+            # narrowed MLP (one multiple below the source's), whose statistics and solve are the largest
             widths=list(self.widths), intermediate_sizes=list(self.intermediate_sizes) if r.allocation != "global"
-            else [run.source_config["intermediate_size"]] * run.num_layers, tied_head=self.tied_head,
+            else [run.source_config["intermediate_size"] - self.multiples[1]] * run.num_layers,
+            tied_head=self.tied_head,
             cache_files=3 + 2 * len(self.paired_streams), shortcuts=per_point and (not all(full) or bool(self.options.get("rotate_full_width"))),
             rotated=[not (f or selection) for f in full],
             eigh_points=[not f and per_point and (self.name == "pca" or self.options.get("support") == "pca")
