@@ -15,7 +15,7 @@ model=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["model"])' "$pa
 calib=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["calibration"])' "$paths")
 heldout=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["heldout"])' "$paths")
 # Default: the best measured recipe at equal parameters (configs/quality.yaml at 80 %: structured OBS,
-# MLP widths allocated across blocks), written in the bundled format. RECIPE, METHOD, SPARSITY,
+# MLP widths and attention heads allocated across blocks), written in the bundled format. RECIPE, METHOD, SPARSITY,
 # TARGET_SIZE and SAVE_FORMAT pick others, e.g.
 #   RECIPE=configs/portable.yaml bash tools/demo.sh      # a stock LlamaForCausalLM (no remote code)
 #   SAVE_FORMAT=decilm bash tools/demo.sh                # per-block widths that vLLM and llama.cpp load
@@ -29,6 +29,8 @@ extra=()
 [ -n "${SPARSITY:-}" ] && extra+=(--sparsity "$SPARSITY")
 [ -n "${TARGET_SIZE:-}" ] && extra+=(--target-size "$TARGET_SIZE")
 [ -n "${SAVE_FORMAT:-}" ] && extra+=(--save-format "$SAVE_FORMAT")
+# DeciLM holds per-block MLP widths but one head count: quality.yaml's heads stay in every block there.
+[ "${SAVE_FORMAT:-}" = decilm ] && [ "$recipe" = configs/quality.yaml ] && extra+=(-o head_allocation=uniform)
 out=${DEMO_OUT:-$HOME/.cache/streamresize/demo/smollm2-135m-$(basename "$recipe" .yaml)}
 echo "== compressing with $recipe: $samples x $seq calibration tokens (full size: SAMPLES=128 SEQ=512) =="
 start=$(date +%s)
