@@ -120,10 +120,10 @@ def _group_bytes(c, names):
 def _embedding(c, m, tokens):
     k0, d = m.widths[0], c.hidden
     vocab = c.source_config["vocab_size"]
-    statistics = 0 if m.kept_whole else 2 * tokens * d * d + 2 * tokens * d * k0  # its Gram, the projection
+    gram_flops = 0 if m.kept_whole else 2 * tokens * d * d + 2 * tokens * d * k0  # its Gram, the projection
     return Step("embedding", read_bytes=_group_bytes(c, [c.family.embedding]),
                 statistics_bytes=0 if m.kept_whole else _stats(d), output_bytes=vocab * k0 * c.out_dtype.itemsize,
-                flops={"float64": statistics + _rotation(m, 0, vocab * d * k0),
+                flops={"float64": gram_flops + _rotation(m, 0, vocab * d * k0),
                        "eigh": _solves(m, [0])})
 
 

@@ -184,16 +184,16 @@ class SlicingMethod(WidthMethod):
         self.widths = [width] * (2 * run.num_layers + 1)
         self.intermediate_sizes = [intermediate] * run.num_layers
 
-    def _head_config(self):
-        """The source config with the kept head counts (what the budget and the output use)."""
-        c, kept = self.run.source_config, self.heads_kept
+    def _head_config(self, kept=None):
+        """The source config with `kept` head counts (default: the uniform ones; what the budget uses)."""
+        c, kept = self.run.source_config, kept or self.heads_kept
         if kept == self.heads_source:
             return c
         return {**c, "num_attention_heads": kept.heads, "num_key_value_heads": kept.kv_heads, "head_dim": kept.head_dim}
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _fields(self, widths, heads=None):
+    def _fields(self, widths, heads):
         fields = {}
         if heads != self.heads_source:
             fields = dict(num_attention_heads=heads.heads, num_key_value_heads=heads.kv_heads, head_dim=heads.head_dim)
@@ -534,10 +534,7 @@ class SlicingMethod(WidthMethod):
         dense = parameters(c, full)
         keep = (r.target_size * run.reader.parameter_count() if r.target_size is not None
                 else parameters(self._head_config(), self.intermediate_sizes[0]))
-        one_round = source.after(1)
-        head_step = (dense - parameters({**c, "num_attention_heads": one_round.heads,
-                                         "num_key_value_heads": one_round.kv_heads, "head_dim": source.head_dim},
-                                        full)) // layers
+        head_step = (dense - parameters(self._head_config(source.after(1)), full)) // layers
         mlp_step = (dense - parameters(c, full - multiple)) // layers
         taken = allocate(mlp_curves + head_curves, [mlp_step] * layers + [head_step] * layers, dense - keep,
                          [(full - multiple) // multiple] * layers + [source.rounds] * layers)
