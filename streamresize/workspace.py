@@ -26,7 +26,8 @@ WORK_FILES = ("manifest.json", "manifest.json.tmp", "calibration_ids.npy", "cali
               "hidden_a.f32", "hidden_b.f32", "scratch.f32", "update.f32", "dense_a.f32", "dense_b.f32", "*.f32.tmp", "stats-*.f64", "stats-*.f64.*", "scratch-*.f64",
               "basis-*.safetensors", "basis-*.safetensors.tmp", "shared-basis.safetensors",
               "shared-basis.safetensors.tmp", "disp-curves.json", "disp-curves.json.tmp", "disp-learned.json",
-              "disp-learned.json.tmp", "mlp-curves.json", "mlp-curves.json.tmp", "progress.json",
+              "disp-learned.json.tmp", "mlp-curves.json", "mlp-curves.json.tmp", "sensitivity.safetensors",
+              "sensitivity.safetensors.tmp", "sensitivity-*.f32", "progress.json",
               "progress.json.tmp", FALLBACK_LOCK, WORK_MARKER)
 RANK_DIRS = "rank-[0-9][0-9][0-9][0-9][0-9]"  # the work dirs of a data-parallel run's other ranks
 

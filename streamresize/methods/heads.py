@@ -58,23 +58,25 @@ class HeadLayout:
         return (torch.tensor(heads)[:, None] * self.head_dim + torch.arange(self.head_dim)[None, :]).flatten()
 
 
-def _head_order(gram, w_o, layout, remove):
-    """Greedy OBS order of `remove` query heads (per KV group under grouped-query attention)."""
+def _head_order(gram, w_o, layout, remove, row_scale=None):
+    """Greedy OBS order of `remove` query heads (per KV group under grouped-query attention); `row_scale`
+    weighs o_proj's output channels (√ of the loss's Fisher)."""
     rounds = None
     if layout.group > 1:
         rounds = [set(range(k * layout.group, (k + 1) * layout.group)) for k in range(layout.kv_heads)]
-    return obs_order(gram, w_o, group=layout.head_dim, remove=remove, damp=OBS_DAMP, rounds=rounds)
+    return obs_order(gram, w_o, group=layout.head_dim, remove=remove, damp=OBS_DAMP, rounds=rounds,
+                     row_scale=row_scale)
 
 
-def head_curve(gram, w_o, layout):
+def head_curve(gram, w_o, layout, row_scale=None):
     """o_proj's output error after 0, 1, ... `layout.rounds` removal rounds (OBS with the refit), in the
     units of `gram` (for `--allocation global`)."""
     per_round = layout.heads - layout.after(1).heads if layout.rounds else 0
-    order = _head_order(gram, w_o, layout, layout.rounds * per_round)
+    order = _head_order(gram, w_o, layout, layout.rounds * per_round, row_scale)
     return [order.cost(r * per_round) for r in range(layout.rounds + 1)]
 
 
-def select_heads(gram, w_o, layout, kept):
+def select_heads(gram, w_o, layout, kept, row_scale=None):
     """(kept query heads, kept KV heads, o_proj refitted on the kept columns, info).
 
     gram: E[z zᵀ] of o_proj's input z (heads x head_dim wide); w_o: d x (heads x head_dim)."""
@@ -83,7 +85,7 @@ def select_heads(gram, w_o, layout, kept):
     if layout.group > 1 and kept.kv_heads != layout.kv_heads:
         raise StreamResizeError("with grouped-query attention only query heads are removed, per KV group")
     remove = layout.heads - kept.heads
-    heads = _head_order(gram, w_o, layout, remove).kept(layout.heads, remove)
+    heads = _head_order(gram, w_o, layout, remove, row_scale).kept(layout.heads, remove)
     kv = list(range(layout.kv_heads)) if layout.group > 1 else heads
     columns = layout.rows(heads).to(gram.device)
     merged = refit(gram, w_o, columns)

@@ -12,33 +12,35 @@ OBS_DAMP = 0.01  # H + 0.01 x mean(diag H) I for the selection only; the final r
 OBS_UPDATES = 64  # updates of H⁻¹ per MLP at most (each O(d_ff²)): neurons are removed in batches beyond
 
 
-def choose_neurons(stats, width, kind, down, batch=0, scratch=None):
+def choose_neurons(stats, width, kind, down, batch=0, scratch=None, row_scale=None):
     """The kept neurons' frame. `obs`: greedy structured OBS on down_proj's columns (the block's
     output error with the rest refitted); otherwise a score (norm, variance, mean_abs) times the
-    neuron's down_proj column norm. `scratch(name, shape)`: float64 buffers for the d_ff² solve."""
+    neuron's down_proj column norm. `scratch(name, shape)`: float64 buffers for the d_ff² solve.
+    `row_scale`: a weight per output channel (√ of the loss's Fisher) the error is measured with."""
     if kind != "obs":
-        return support_frame(stats, width, kind, weight_norms=down.double().norm(dim=0))
+        scored = down.double() if row_scale is None else down.double() * row_scale[:, None]
+        return support_frame(stats, width, kind, weight_norms=scored.norm(dim=0))
     remove = down.shape[1] - width
     batch = batch or max(1, -(-remove // OBS_UPDATES))
     n = down.shape[1]
     order = obs_order(stats.gram, down, remove=remove, damp=OBS_DAMP, batch=batch,
-                      buffer=scratch("obs-inverse", (n, n)) if scratch else None)
+                      buffer=scratch("obs-inverse", (n, n)) if scratch else None, row_scale=row_scale)
     keep = torch.tensor(order.kept(down.shape[1], remove), device=stats.gram.device)
     return Frame(None, stats.gram, stats.sum, stats.count, keep)
 
 
-def narrow_mlp(stats, width, method, options, readers, down, scratch=None):
+def narrow_mlp(stats, width, method, options, readers, down, scratch=None, row_scale=None):
     """Return (readers', down', info): readers (gate, up) keep rows S; down_proj (d x d_ff) becomes d x k.
 
     stats: moments of the intermediate activations u = act(gate x) * up x. scratch(name, shape): where
     the d_ff² and k² float64 work matrices live (memory-mapped files, so a 7B MLP's solve stays out of
-    anonymous memory); None: in memory.
+    anonymous memory); None: in memory. row_scale: see choose_neurons (the refit does not depend on it).
     """
     o = options_with_defaults(options)
     support_kind = options.get("mlp_support", "auto")
     if support_kind == "auto":
         support_kind = o["support"] if o["support"] != "pca" else "norm"  # neurons cannot be rotated
-    frame = choose_neurons(stats, width, support_kind, down, int(options.get("obs_batch", 0)), scratch)
+    frame = choose_neurons(stats, width, support_kind, down, int(options.get("obs_batch", 0)), scratch, row_scale)
     keep = frame.support
     reader = options.get("mlp_reader", "ot")
     info = {"width": width, "method": method, "support": support_kind}

@@ -128,13 +128,16 @@ def _group_scores(weight, inverse, group, alive):
     return torch.einsum("gor,gor->g", w @ torch.linalg.inv(blocks), w)
 
 
-def obs_order(gram, weight, group=1, remove=None, damp=0.01, batch=1, rounds=None, buffer=None):
+def obs_order(gram, weight, group=1, remove=None, damp=0.01, batch=1, rounds=None, buffer=None, row_scale=None):
     """Greedy OBS removal of column groups of `weight` (out x n, groups of `group` consecutive
     columns), `batch` groups per update. `rounds`: a list of group sets; when given, every update
     removes one group from each set (attention heads: the same number from every KV group, so the
     result stays a stock GQA layout). `buffer`: n x n float64 scratch for H⁻¹ (see damped_inverse).
-    Returns ObsOrder; `weight` is not modified."""
+    `row_scale`: a weight per output row, the error then Σ_r s_r² ‖ΔW_r X‖² (the order changes, the
+    refit of each row does not). Returns ObsOrder; `weight` is not modified."""
     w = weight.detach().to(torch.float64).clone()
+    if row_scale is not None:
+        w *= row_scale.to(w)[:, None]
     h = gram.to(torch.float64)
     inverse = damped_inverse(h, damp, out=buffer)
     n_groups = w.shape[1] // group

@@ -31,6 +31,7 @@ from .allocation import allocate, global_widths
 from .heads import HeadLayout, head_curve, select_heads
 from .neurons import OBS_DAMP, narrow_mlp
 from .obs import obs_order, solve_ridged
+from .sensitivity import sensitivity
 from .options import Option
 
 log = logging.getLogger("streamresize")
@@ -61,8 +62,14 @@ OBS_BATCH = Option(0, int, "obs: neurons removed per update of the inverse Gram 
 CURVE_SAMPLES = Option(16, int, "--allocation global: calibration sequences the per-layer error curves are "
                        "measured on (dense model)", positive=True, recorded=False)
 CURVE_SCALE = Option("residual", str, "--allocation global: how layers' errors are compared: residual (the MLP "
-                     "output's error per token relative to the residual it is added to) or absolute",
-                     choices=("residual", "absolute"), recorded=False)
+                     "output's error per token relative to the residual it is added to), loss (each output channel's "
+                     "error weighted by the loss's sensitivity to it, the diagonal Fisher from a backward pass of "
+                     "the dense model: the second-order loss increase) or absolute",
+                     choices=("residual", "loss", "absolute"), recorded=False)
+SELECTION_SCALE = Option("output", str, "which heads and MLP neurons structured OBS removes in each block: those "
+                         "whose removal costs the writer's output least (output), or the loss least, each output "
+                         "channel weighted by the dense model's diagonal Fisher (loss)", choices=("output", "loss"),
+                         recorded=False)
 MLP_TARGET = Option("prefix", str, "what down_proj is refitted to when MLP neurons go: prefix (the dense MLP's "
                     "output on the compressed prefix's inputs: each block on its own) or dense (the dense model's "
                     "block output, from a second cached stream: the refit also corrects the error that reaches the "
@@ -87,7 +94,7 @@ class SlicingMethod(WidthMethod):
     @classmethod
     def option_spec(cls, recipe):
         spec = {**cls.OPTIONS, "mlp_support": MLP_SUPPORT, "obs_batch": OBS_BATCH, "curve_samples": CURVE_SAMPLES,
-                "curve_scale": CURVE_SCALE, "head_allocation": HEAD_ALLOCATION}
+                "curve_scale": CURVE_SCALE, "selection_scale": SELECTION_SCALE, "head_allocation": HEAD_ALLOCATION}
         if cls.mlp_method_for(recipe) == "dotresize":  # the MLP neurons are merged by OT: its options apply
             spec = {**{k: Option(o.default, o.kind, o.help, o.choices, o.minimum, o.positive, recorded=False)
                        for k, o in TRANSPORT.items()}, "mlp_reader": Option(
@@ -132,6 +139,7 @@ class SlicingMethod(WidthMethod):
             self._check_global_heads()
         self._choose_widths()
         self.layer_heads = [self.heads_kept] * run.num_layers  # per block; global allocation may spread them
+        self.sensitivity = None  # the loss's diagonal Fisher at each writer's output, where an option uses it
         self.dense_target = self.options.get("mlp_target", MLP_TARGET.default) == "dense"
         if self.dense_target:
             self._check_dense_target()
@@ -484,11 +492,25 @@ class SlicingMethod(WidthMethod):
                  entry["peak_file_mb"], f", GPU {gpu:.0f} MB" if gpu else "")
 
     def prepare(self, first, progress):
+        if self._loss_scaled():
+            self.sensitivity = sensitivity(self, progress, int(self.options.get("curve_samples",
+                                                                                  CURVE_SAMPLES.default)))
         if self.run.recipe.allocation == "global" and (self.global_heads or min(self.intermediate_sizes) < self.run.source_config[
                 "intermediate_size"]):
             self._allocate_widths(first, progress)
         if self.run.recipe.basis == "shared" and first < self.run.num_layers:
             self.shared_basis = self._fit_shared_basis(progress)
+
+    def _loss_scaled(self):
+        """Whether anything weighs errors by the loss's sensitivity (a backward pass of the dense model)."""
+        curves = self.run.recipe.allocation == "global" and self.options.get("curve_scale") == "loss"
+        return curves or self.options.get("selection_scale") == "loss"
+
+    def _row_scale(self, sublayer, i):
+        """√F of block i's attention or MLP output channels where the selection weighs them by the loss."""
+        if self.options.get("selection_scale") != "loss":
+            return None
+        return self.sensitivity[sublayer][i].sqrt()
 
     # ---- global allocation of MLP widths (and heads) ----------------------------------------------
 
@@ -582,8 +604,10 @@ class SlicingMethod(WidthMethod):
         views[0].flush()
         del embedding
         curves, head_curves = [], []
-        relative = self.options.get("curve_scale", CURVE_SCALE.default) == "residual"
-        post_norms = not run.family.norms_folded
+        scale = self.options.get("curve_scale", CURVE_SCALE.default)
+        relative = scale == "residual"
+        # Under the loss scale the gradient at the writer's output already holds a post-sublayer norm's gain.
+        post_norms = not run.family.norms_folded and scale != "loss"
 
         def energies(t):
             return t.reshape(-1, t.shape[-1]).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
@@ -628,13 +652,15 @@ class SlicingMethod(WidthMethod):
                 gram = run.reduce_tensors(gram)[0] / tokens
                 target.flush()
                 steps = (width - multiple) // multiple
-                order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple)
+                rows = self.sensitivity["mlp"][i].sqrt() if scale == "loss" else None
+                order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple, row_scale=rows)
                 curves.append([order.cost(r * multiple) for r in range(steps + 1)])
                 if heads is not None:
                     for hook in hooks:
                         hook.remove()
                     head_gram = run.reduce_tensors(heads["gram"])[0] / tokens
-                    head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source))
+                    rows = self.sensitivity["attention"][i].sqrt() if scale == "loss" else None
+                    head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source, rows))
                 del layer, gram
                 fault_point("curves")
                 log.info("error curves, block %d: MLP %.3g at %d%% of the neurons removed%s", i,
@@ -709,7 +735,7 @@ class SlicingMethod(WidthMethod):
         hook.remove()
         del layer
         stats = run.reduce(stats)
-        heads, kv, w_o, info = select_heads(stats.gram, w_o, layout, kept)
+        heads, kv, w_o, info = select_heads(stats.gram, w_o, layout, kept, self._row_scale("attention", i))
         fault_point("heads")
         q_role, k_role, v_role = f.attn_readers
         readers = dict(readers)
@@ -771,7 +797,7 @@ class SlicingMethod(WidthMethod):
                                          work("obs-inverse", (n, n)) if work else None)
         solve_start = time.time()
         mlp_readers, w_down, info = narrow_mlp(stats, self.intermediate_sizes[i], self.mlp_method,
-                                               self.options, mlp_readers, w_down, work)
+                                               self.options, mlp_readers, w_down, work, self._row_scale("mlp", i))
         info["solve_seconds"] = round(time.time() - solve_start, 2)
         fault_point("narrowed")
         stats.discard()
