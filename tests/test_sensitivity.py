@@ -5,7 +5,7 @@ import torch
 
 import streamresize
 from streamresize.calibration import calibration_ids
-from streamresize.methods import slicing
+from streamresize.methods import sensitivity, slicing
 from streamresize.methods.obs import obs_order
 from helpers import CALIB
 
@@ -41,8 +41,8 @@ def _reference_fisher(model_dir, ids):
 @pytest.mark.parametrize("architecture,layers", [("llama", 5), ("gemma2", 3)])
 def test_streamed_backward_matches_one_in_memory_backward_pass(tokenizer, texts, tmp_path, monkeypatch,
                                                                architecture, layers):
-    """Five blocks make uneven checkpoint segments (every 3rd input kept); Gemma 2 adds norms after each
-    sublayer, (1 + w) gains and the soft-capped logits."""
+    """Five blocks make uneven checkpoint segments (every 3rd input kept), and the logits come in chunks of
+    positions; Gemma 2 adds norms after each sublayer, (1 + w) gains and the soft-capped logits."""
     from tiny import make_tiny_llama
 
     extra = dict(sliding_window=8, query_pre_attn_scalar=24, final_logit_softcapping=30.0) \
@@ -57,6 +57,7 @@ def test_streamed_backward_matches_one_in_memory_backward_pass(tokenizer, texts,
 
     real = slicing.sensitivity
     monkeypatch.setattr(slicing, "sensitivity", recording)
+    monkeypatch.setattr(sensitivity, "LOGITS_CHUNK", 7 * len(tokenizer))  # the logits in chunks of 7 positions
     streamresize.compress(model, str(tmp_path / "out"), dataset=[texts["calib"]], method="dotresize", sparsity=0.0,
                           mlp_sparsity=0.25, width_multiple=8, allocation="global",
                           method_options={**LOSS_OPTIONS, "head_allocation": "uniform"}, **CALIB)

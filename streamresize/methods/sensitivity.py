@@ -27,7 +27,7 @@ from ..writer import save_tensors
 
 log = logging.getLogger("streamresize")
 
-HEAD_TOKENS = 256  # positions per logits chunk: a 262k vocabulary x 256 tokens is 268 MB in float32
+LOGITS_CHUNK = 1 << 24  # logits per chunk of positions (64 MB in float32: 64 positions of a 262k vocabulary)
 
 
 def sensitivity(method, progress, sequences):
@@ -48,7 +48,7 @@ class _Backward:
         self.method, self.run, self.progress, self.n = method, method.run, progress, n
         self.layers, self.d = self.run.num_layers, self.run.hidden
         self.seq = self.run.ids.shape[1]
-        self.every = max(1, math.isqrt(self.layers - 1) + 1) if self.layers > 1 else 1
+        self.every = math.isqrt(max(self.layers - 1, 0)) + 1  # ≈ √layers: a checkpoint every `every` blocks
 
     # ---- files: block inputs and the gradient, (n, seq, d) float32 memory maps in the work dir ----
 
@@ -130,13 +130,13 @@ class _Backward:
         head = run.weight(f.head if run.reader.has(f.head) else f.embedding).float()
         cap = config.get("final_logit_softcapping")
         final = self._file(f"in-{self.layers}")
-        total = 0.0
+        total, chunk = 0.0, max(1, LOGITS_CHUNK // head.shape[0])
         for s in range(self.n):
             self.progress.set_postfix_str("loss sensitivity: head")
             ids = torch.from_numpy(np.asarray(run.ids[s])).to(run.device).long()
             out = np.zeros((1, self.seq, self.d), dtype=np.float32)
-            for t0 in range(0, self.seq - 1, HEAD_TOKENS):
-                t1 = min(t0 + HEAD_TOKENS, self.seq - 1)
+            for t0 in range(0, self.seq - 1, chunk):
+                t1 = min(t0 + chunk, self.seq - 1)
                 h = torch.from_numpy(np.ascontiguousarray(final[s:s + 1, t0:t1])).to(run.device).requires_grad_(True)
                 logits = norm(h) @ head.T
                 if cap is not None:
