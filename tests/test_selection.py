@@ -270,3 +270,44 @@ def test_error_curves_see_through_the_norm_after_each_sublayer(tokenizer, texts,
                for k, v in curves.items()}
     for source, scaled_ in zip(numbers["source"], numbers["scaled"]):
         assert source == pytest.approx(scaled_, rel=0.02), (curves["source"], curves["scaled"])
+
+
+@pytest.mark.parametrize("cheap", ["heads", "neurons"])
+def test_auto_head_count_takes_the_cheaper_split_and_saves_stock(tiny_model_tied, texts, tmp_path, monkeypatch,
+                                                                 cheap):
+    """head_allocation=auto: one head count for every block, chosen with the MLP width by the summed
+    curves. Made-up curves decide it both ways: heads that cost nothing are removed (MLP kept wider),
+    heads that cost much are kept (MLP narrower); either way the budget is met and the output is stock."""
+    from streamresize.checkpoint import parameter_count
+    from streamresize.methods import slicing
+    from test_formats import plain_logits
+
+    def made_up(self, progress, multiple):
+        steps = (96 - multiple) // multiple + 1
+        head = [0.0, 0.0] if cheap == "heads" else [0.0, 1e6]
+        return {"curves": [[float(s) for s in range(steps)]] * 4, "head_curves": [head] * 4}
+
+    monkeypatch.setattr(slicing.SlicingMethod, "_measure_curves", made_up)
+    source = parameter_count(tiny_model_tied)
+    result = _compress(tiny_model_tied, tmp_path / "out", texts, method="dotresize", sparsity=0.0, target_size=0.8,
+                       mlp_ratio="fill", width_multiple=8,
+                       method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "auto"})
+    config = read_config(tmp_path / "out")
+    assert result["format"] == "stock" and config["model_type"] == "llama"
+    heads = config["num_attention_heads"]
+    assert heads == (2 if cheap == "heads" else 4) and config["num_key_value_heads"] == 2
+    neuron = 3 * 64  # a gate row, an up row and a down column, in 4 blocks: one multiple is 8 of them
+    # The budget counts the tied head's 64 x 64 adapter, which a stock output holds as the final norm's gain.
+    assert result["parameters"] <= 0.8 * source < result["parameters"] + 4 * 8 * neuron + 64 * 64
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(4))
+    logits, cls = plain_logits(tmp_path / "out", ids, tmp_path)
+    assert cls == "LlamaForCausalLM" and torch.isfinite(logits).all()
+
+
+def test_auto_head_count_is_refused_where_it_cannot_apply(tiny_model_tied, texts, tmp_path):
+    common = dict(method="dotresize", sparsity=0.0, mlp_ratio="fill",
+                  method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "auto"})
+    with pytest.raises(StreamResizeError, match="needs --allocation uniform, --target-size"):
+        _compress(tiny_model_tied, tmp_path / "a", texts, target_size=0.8, allocation="global", **common)
+    with pytest.raises(StreamResizeError, match="needs --allocation uniform, --target-size"):
+        _compress(tiny_model_tied, tmp_path / "b", texts, mlp_sparsity=0.25, **common)

@@ -76,10 +76,12 @@ MLP_TARGET = Option("prefix", str, "what down_proj is refitted to when MLP neuro
                     "block)", choices=("prefix", "dense"), recorded=False)
 TARGET_MIX = Option(1.0, float, "mlp_target=dense: weight of the dense target against the prefix one (1: dense "
                     "only)", minimum=0.0, recorded=False)
-HEAD_ALLOCATION = Option("uniform", str, "attention heads: uniform (--attention-sparsity in every block) or global "
+HEAD_ALLOCATION = Option("uniform", str, "attention heads: uniform (--attention-sparsity in every block), global "
                          "(--allocation global ranks each block's rounds of head removal, one query head per KV "
                          "group, with the MLP neurons under one parameter budget: per-block head counts, which "
-                         "only the bundled format holds)", choices=("uniform", "global"))
+                         "only the bundled format holds) or auto (--allocation uniform with --target-size: the same "
+                         "head count in every block, chosen with the MLP width by the error curves; a stock layout)",
+                         choices=("uniform", "global", "auto"))
 MLP_READER = Option("ot", str, "how merged MLP neurons are folded into down_proj: ot (the transport map) or lstsq "
                     "(its least-squares refit)", choices=("ot", "lstsq"))
 assert set(dotresize.DEFAULTS) == set(TRANSPORT) | {"reader", "mlp_reader"}
@@ -134,9 +136,10 @@ class SlicingMethod(WidthMethod):
         if self.heads_kept != self.heads_source and r.basis == "shared":
             raise StreamResizeError("--attention-sparsity with --basis shared is not supported yet (the shared basis "
                                     "is fitted on the dense attention); use --basis per-point")
-        self.global_heads = self.options.get("head_allocation", HEAD_ALLOCATION.default) == "global"
-        if self.global_heads:
-            self._check_global_heads()
+        head_allocation = self.options.get("head_allocation", HEAD_ALLOCATION.default)
+        self.global_heads, self.auto_heads = head_allocation == "global", head_allocation == "auto"
+        if self.global_heads or self.auto_heads:
+            self._check_head_allocation(head_allocation)
         self._choose_widths()
         self.layer_heads = [self.heads_kept] * run.num_layers  # per block; global allocation may spread them
         self.sensitivity = None  # the loss's diagonal Fisher at each writer's output, where an option uses it
@@ -145,16 +148,20 @@ class SlicingMethod(WidthMethod):
             self._check_dense_target()
             self.paired_streams = ("dense",)
 
-    def _check_global_heads(self):
+    def _check_head_allocation(self, kind):
         run, r = self.run, self.run.recipe
-        if r.allocation != "global":
+        if kind == "global" and r.allocation != "global":
             raise StreamResizeError("method option head_allocation=global ranks heads with the MLP neurons: it needs "
                                     "--allocation global")
+        if kind == "auto" and (r.allocation != "uniform" or r.target_size is None or r.mlp_ratio != "fill"):
+            raise StreamResizeError("method option head_allocation=auto chooses one head count for every block with "
+                                    "the MLP width: it needs --allocation uniform, --target-size and --mlp-ratio fill "
+                                    "(with --allocation global use head_allocation=global)")
         if r.basis != "per-point" or r.sparsity > 0:
-            raise StreamResizeError("method option head_allocation=global needs the residual kept whole "
+            raise StreamResizeError(f"method option head_allocation={kind} needs the residual kept whole "
                                     "(--sparsity 0, --basis per-point)")
         if self.heads_source.rounds == 0:
-            raise StreamResizeError(f"method option head_allocation=global: {run.model_dir} has one query head per "
+            raise StreamResizeError(f"method option head_allocation={kind}: {run.model_dir} has one query head per "
                                     "KV group and one KV group; there is no head to remove")
 
     def _check_dense_target(self):
@@ -495,6 +502,8 @@ class SlicingMethod(WidthMethod):
         if self._loss_scaled():
             self.sensitivity = sensitivity(self, progress, int(self.options.get("curve_samples",
                                                                                   CURVE_SAMPLES.default)))
+        if self.auto_heads:
+            self._choose_head_count(self._curves(first, progress), self.multiples[1])
         if self.run.recipe.allocation == "global" and (self.global_heads or min(self.intermediate_sizes) < self.run.source_config[
                 "intermediate_size"]):
             self._allocate_widths(first, progress)
@@ -503,8 +512,8 @@ class SlicingMethod(WidthMethod):
 
     def _loss_scaled(self):
         """Whether anything weighs errors by the loss's sensitivity (a backward pass of the dense model)."""
-        curves = self.run.recipe.allocation == "global" and self.options.get("curve_scale") == "loss"
-        return curves or self.options.get("selection_scale") == "loss"
+        curves = self.run.recipe.allocation == "global" or self.auto_heads
+        return (curves and self.options.get("curve_scale") == "loss") or self.options.get("selection_scale") == "loss"
 
     def _row_scale(self, sublayer, i):
         """√F of block i's attention or MLP output channels where the selection weighs them by the loss."""
@@ -514,24 +523,55 @@ class SlicingMethod(WidthMethod):
 
     # ---- global allocation of MLP widths (and heads) ----------------------------------------------
 
-    def _allocate_widths(self, first, progress):
-        """Per-block MLP widths (with head_allocation=global, head counts too) for the run's budget,
-        spread by every block's OBS error curves on the dense model (saved, so a resumed run reuses them)."""
+    def _curves(self, first, progress):
+        """Every block's OBS error curves on the dense model, measured once (saved, so a resumed run
+        reuses them)."""
         run, multiple = self.run, self.multiples[1]
-        full = run.source_config["intermediate_size"]
         path = run.work_path("mlp-curves.json")
         if os.path.exists(path):
             with open(path) as f:
-                saved = json.load(f)
-        elif first > -1:
+                return json.load(f)
+        if first > -1:
             raise StreamResizeError(f"{run.work_dir}: the MLP error curves of this run are missing; rerun with "
                                     "--restart")
-        else:
-            start = time.time()
-            saved = {"multiple": multiple, "scale": self.options.get("curve_scale", CURVE_SCALE.default),
-                     **self._measure_curves(progress, multiple)}
-            atomic_write_json(path, saved)
-            log.info("error curves of %d blocks in %.1fs", run.num_layers, time.time() - start)
+        start = time.time()
+        saved = {"multiple": multiple, "scale": self.options.get("curve_scale", CURVE_SCALE.default),
+                 **self._measure_curves(progress, multiple)}
+        atomic_write_json(path, saved)
+        log.info("error curves of %d blocks in %.1fs", run.num_layers, time.time() - start)
+        return saved
+
+    def _choose_head_count(self, saved, multiple):
+        """head_allocation=auto: for each number of head-removal rounds (the same in every block), the MLP
+        width --target-size leaves; keep the pair whose summed curve errors are least."""
+        run, r, c = self.run, self.run.recipe, self.run.source_config
+        full, source = c["intermediate_size"], self.heads_source
+        options = []
+        for rounds in range(source.rounds + 1):
+            kept = source.after(rounds)
+            try:
+                _, width = widths_for_target(self._head_config(kept), r.target_size, run.reader.parameter_count(),
+                                             r.mlp_ratio, self.multiples, False, self.tied_head,
+                                             residual_width=run.hidden, adapter=self.head_adapter)
+            except StreamResizeError:
+                continue  # no MLP width fits with this many heads
+            mlp = sum(_curve_at(curve, (full - width) / multiple) for curve in saved["curves"])
+            heads = sum(curve[rounds] for curve in saved["head_curves"])
+            options.append((mlp + heads, rounds, kept, width))
+        error, rounds, kept, width = min(options, key=lambda o: o[0])
+        log.info("heads and MLP width chosen by the error curves: %s; keeping %d of %d query heads, MLP %d",
+                 ", ".join(f"{o[2].heads} heads with MLP {o[3]}: {o[0]:.4g}" for o in options), kept.heads,
+                 source.heads, width)
+        self.heads_kept = kept
+        self.layer_heads = [kept] * run.num_layers
+        self.intermediate_sizes = [width] * run.num_layers
+
+    def _allocate_widths(self, first, progress):
+        """Per-block MLP widths (with head_allocation=global, head counts too) for the run's budget,
+        spread by every block's OBS error curves on the dense model."""
+        run, multiple = self.run, self.multiples[1]
+        full = run.source_config["intermediate_size"]
+        saved = self._curves(first, progress)
         uniform = self.intermediate_sizes
         if self.global_heads:
             self._allocate_jointly(saved["curves"], saved["head_curves"], multiple)
@@ -589,7 +629,9 @@ class SlicingMethod(WidthMethod):
     def _measure_curves(self, progress, multiple):
         """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), and
         with head_allocation=global its attention error after 0, 1, ... rounds of heads, on dense inputs
-        from the first `curve_samples` sequences. Under the `residual` scale tokens are weighted by
+        from the first `curve_samples` sequences. Under the `loss` scale each output channel's error is
+        weighted by the loss's sensitivity to it (sensitivity.py), so every error is a loss increase.
+        Under the `residual` scale tokens are weighted by
         1/‖r‖² of the residual the sublayer's output joins (after the MLP: the block output; after
         attention: h), so the errors of different layers and sublayers compare. Where a norm follows each
         sublayer (Gemma), it rescales the error with the output: tokens are also weighted by that norm's
@@ -625,7 +667,7 @@ class SlicingMethod(WidthMethod):
                 width = down.shape[1]
                 gram = torch.zeros(width, width, dtype=torch.float64, device=run.device)
                 heads = None
-                if self.global_heads:
+                if self.global_heads or self.auto_heads:
                     w_o = layer.self_attn.o_proj.weight
                     heads = {"gram": torch.zeros(w_o.shape[1], w_o.shape[1], dtype=torch.float64, device=run.device)}
                     hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
@@ -667,7 +709,7 @@ class SlicingMethod(WidthMethod):
                          curves[-1][len(curves[-1]) // 2], 100 * (len(curves[-1]) // 2) * multiple // width,
                          f", attention {' '.join(f'{e:.3g}' for e in head_curves[-1][1:])} after each round of "
                          "heads" if heads is not None else "")
-        return {"curves": curves, **({"head_curves": head_curves} if self.global_heads else {})}
+        return {"curves": curves, **({"head_curves": head_curves} if head_curves else {})}
 
     def _fit_shared_basis(self, progress):
         """One basis for every point (`--basis shared`): a pass over the dense model accumulates each
@@ -867,7 +909,9 @@ class SlicingMethod(WidthMethod):
         return MethodFootprint(
             # global allocation decides per-block MLP widths in prepare(): plan every block for the widest
             # narrowed MLP (one multiple below the source's), whose statistics and solve are the largest
-            widths=list(self.widths), intermediate_sizes=list(self.intermediate_sizes) if r.allocation != "global"
+            # (head_allocation=auto may widen the MLP to pay for heads: planned the same way)
+            widths=list(self.widths), intermediate_sizes=list(self.intermediate_sizes)
+            if r.allocation != "global" and not self.auto_heads
             else [run.source_config["intermediate_size"] - self.multiples[1]] * run.num_layers,
             tied_head=self.tied_head,
             cache_files=3 + 2 * len(self.paired_streams), shortcuts=per_point and (not all(full) or bool(self.options.get("rotate_full_width"))),
@@ -876,6 +920,14 @@ class SlicingMethod(WidthMethod):
                          for f in full],
             refit_readers=self.reader_kind == "lstsq", mlp_in_files=run.device.type == "cpu",
             mlp_obs=self.options.get("mlp_support") == "obs", kept_whole=all(full) and per_point)
+
+
+def _curve_at(curve, steps):
+    """A curve's error after `steps` removal steps, linear between measured steps (a width that is not a
+    whole number of steps below the source's), the last step beyond its end."""
+    low = min(int(steps), len(curve) - 1)
+    high = min(low + 1, len(curve) - 1)
+    return curve[low] + (curve[high] - curve[low]) * (steps - int(steps) if high > low else 0.0)
 
 
 class PcaMethod(SlicingMethod):
