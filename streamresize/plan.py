@@ -32,6 +32,7 @@ class MethodFootprint:
     mlp_in_files: bool = False  # the MLP neurons' d_ff² Gram and solve in memory-mapped files (not counted)
     mlp_obs: bool = False  # MLP neurons chosen by structured OBS (a d_ff² inverse and its updates)
     kept_whole: bool = False  # every residual point kept whole: no bases, no residual statistics
+    sensitivity_bytes: int = 0  # work-dir files of the loss-sensitivity pass at its largest (sensitivity.py)
 
 
 @dataclass
@@ -100,7 +101,8 @@ def make_plan(compressor, measure=False):
     k_max = max(m.widths)
     work = (fp.cache + n * seq * 8  # cache files, calibration ids
             + 8 * max(d + 2, ff + 2 if narrow_mlp else 0) * max(d, ff if narrow_mlp else 0)  # offloaded stats
-            + 4 * 8 * d * k_max + 8 * d * k_max)  # basis files of two steps (basis and reader), shared basis
+            + 4 * 8 * d * k_max + 8 * d * k_max  # basis files of two steps (basis and reader), shared basis
+            + m.sensitivity_bytes)
     plan = Plan(model_dir=c.model_dir, out_dir=c.out_dir, work_dir=c.work_dir, device=str(c.device),
                 compute_dtype=str(c.compute_dtype).replace("torch.", ""), budgets={"gpu": gpu, "cpu": cpu},
                 placement=placement, footprint=fp, micro_batch_bytes=placement.batch_size * fp.per_sequence,

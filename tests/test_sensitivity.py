@@ -1,5 +1,7 @@
 """The loss's sensitivity to each writer's output (methods/sensitivity.py) and the OBS errors weighted by it."""
 
+import os
+
 import pytest
 import torch
 
@@ -58,12 +60,24 @@ def test_streamed_backward_matches_one_in_memory_backward_pass(tokenizer, texts,
     real = slicing.sensitivity
     monkeypatch.setattr(slicing, "sensitivity", recording)
     monkeypatch.setattr(sensitivity, "LOGITS_CHUNK", 7 * len(tokenizer))  # the logits in chunks of 7 positions
+    most = []  # the pass's files at most, against what the planner counts (disk_bytes)
+    real_file = sensitivity._Backward._file
+
+    def counting(self, name, create=False):
+        view = real_file(self, name, create)
+        folder = os.path.dirname(self.run.work_path("x"))
+        most.append(sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                        if f.startswith("sensitivity-")))
+        return view
+
+    monkeypatch.setattr(sensitivity._Backward, "_file", counting)
     streamresize.compress(model, str(tmp_path / "out"), dataset=[texts["calib"]], method="dotresize", sparsity=0.0,
                           mlp_sparsity=0.25, width_multiple=8, allocation="global",
                           method_options={**LOSS_OPTIONS, "head_allocation": "uniform"}, **CALIB)
     ids = torch.from_numpy(calibration_ids(model, [texts["calib"]], CALIB["num_calibration_samples"],
                                            CALIB["max_seq_length"], 0).astype("int64"))[:5]
     reference = _reference_fisher(model, ids)
+    assert 0 < max(most) <= sensitivity.disk_bytes(layers, 5, CALIB["max_seq_length"], 64)
     for kind in ("attention", "mlp"):
         assert measured[kind].shape == reference[kind].shape
         assert torch.allclose(measured[kind].cpu(), reference[kind], rtol=1e-3, atol=1e-12 * reference[kind].max())

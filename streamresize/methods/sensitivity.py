@@ -43,12 +43,19 @@ def sensitivity(method, progress, sequences):
     return result
 
 
+def disk_bytes(layers, sequences, seq_length, hidden):
+    """The work-dir bytes the pass holds at most: its checkpoints, one segment's block inputs and two
+    gradient files, each `sequences` x `seq_length` x `hidden` float32."""
+    every = math.isqrt(max(layers - 1, 0)) + 1
+    return (-(-layers // every) + every + 2) * sequences * seq_length * hidden * 4
+
+
 class _Backward:
     def __init__(self, method, progress, n):
         self.method, self.run, self.progress, self.n = method, method.run, progress, n
         self.layers, self.d = self.run.num_layers, self.run.hidden
         self.seq = self.run.ids.shape[1]
-        self.every = math.isqrt(max(self.layers - 1, 0)) + 1  # ≈ √layers: a checkpoint every `every` blocks
+        self.every = math.isqrt(max(self.layers - 1, 0)) + 1  # ≈ √layers: a checkpoint every `every` blocks (disk_bytes)
 
     # ---- files: block inputs and the gradient, (n, seq, d) float32 memory maps in the work dir ----
 

@@ -31,7 +31,7 @@ from .allocation import allocate, global_widths
 from .heads import HeadLayout, head_curve, select_heads
 from .neurons import OBS_DAMP, narrow_mlp
 from .obs import obs_order, solve_ridged
-from .sensitivity import sensitivity
+from .sensitivity import disk_bytes as sensitivity_disk_bytes, sensitivity
 from .options import Option
 
 log = logging.getLogger("streamresize")
@@ -919,7 +919,10 @@ class SlicingMethod(WidthMethod):
             eigh_points=[not f and per_point and (self.name == "pca" or self.options.get("support") == "pca")
                          for f in full],
             refit_readers=self.reader_kind == "lstsq", mlp_in_files=run.device.type == "cpu",
-            mlp_obs=self.options.get("mlp_support") == "obs", kept_whole=all(full) and per_point)
+            mlp_obs=self.options.get("mlp_support") == "obs", kept_whole=all(full) and per_point,
+            sensitivity_bytes=sensitivity_disk_bytes(
+                run.num_layers, min(r.num_calibration_samples, int(self.options.get("curve_samples", CURVE_SAMPLES.default))),
+                r.max_seq_length, run.hidden) if self._loss_scaled() else 0)
 
 
 def _curve_at(curve, steps):
