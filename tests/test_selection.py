@@ -233,10 +233,12 @@ def test_global_head_allocation_without_grouped_query_attention_removes_whole_he
         assert torch.isfinite(streamresize.load(str(tmp_path / "out"))(ids).logits).all()
 
 
-def test_error_curves_see_through_the_norm_after_each_sublayer(tokenizer, texts, tmp_path, caplog):
+@pytest.mark.parametrize("scale", ["residual", "loss"])
+def test_error_curves_see_through_the_norm_after_each_sublayer(tokenizer, texts, tmp_path, caplog, scale):
     """Gemma's norms after attention and after the MLP undo any scale of o_proj and down_proj: a model
     with block 1's writers x 10 computes the same function, so its error curves must be the same (without
-    the norm's gain in the token weights, block 1's curves would be 100x the other model's)."""
+    the norm's gain in the token weights, block 1's curves would be 100x the other model's; under the loss
+    scale the gradient at the writer's output carries that gain)."""
     import glob
     import logging
     import os
@@ -263,7 +265,8 @@ def test_error_curves_see_through_the_norm_after_each_sublayer(tokenizer, texts,
         with caplog.at_level(logging.INFO, logger="streamresize"):
             _compress(path, tmp_path / f"out-{name}", texts, method="dotresize", sparsity=0.0, mlp_sparsity=0.5,
                       allocation="global", width_multiple=8,
-                      method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "global"})
+                      method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "global",
+                                      "curve_scale": scale})
         curves[name] = [line for line in caplog.messages if line.startswith("error curves, block")]
         assert len(curves[name]) == 3
     numbers = {k: [[float(x) for x in re.findall(r"\d+\.?\d*(?:e[-+]\d+)?", line)[1:]] for line in v]
