@@ -173,3 +173,26 @@ def test_a_singular_slightly_indefinite_gram_is_solved_with_a_larger_ridge_and_a
     assert "retrying with 1e-06" in caplog.text
     with pytest.raises(StreamResizeError, match="not positive definite"):
         refit_kept(-torch.eye(10, dtype=torch.float64), w, keep)
+
+
+def test_whole_kv_group_removal_takes_the_group_that_costs_least():
+    """head_unit=kv_group: 3 KV groups of 2 query heads (head_dim 2); one round must remove the group
+    whose removal, the rest refitted, costs least (of the three), its KV head with it, and leave that
+    error."""
+    from streamresize.methods.heads import HeadLayout, select_heads
+
+    gram, w_o = problem(12, out=5, tokens=80, seed=4)
+    layout = HeadLayout(6, 3, 2, by_group=True)
+    kept = layout.after(1)
+    assert (kept.heads, kept.kv_heads, layout.rounds) == (4, 2, 2)
+    heads, kv, merged, info = select_heads(gram, w_o, layout, kept)
+    errors = {g: lstsq_error(gram, w_o, columns([k for k in range(3) if k != g], 4)) for g in range(3)}
+    gone = min(errors, key=errors.get)
+    assert max(errors.values()) > 1.01 * errors[gone]  # a real choice
+    assert kv == [k for k in range(3) if k != gone] and heads == [h for h in range(6) if h // 2 != gone]
+    fitted = torch.zeros_like(w_o)
+    fitted[:, columns(heads, 2)] = merged
+    diff = w_o - fitted
+    assert float(torch.einsum("oi,ij,oj->", diff, gram, diff)) == pytest.approx(errors[gone], rel=1e-6)
+    with pytest.raises(Exception, match="by removing whole KV groups"):
+        select_heads(gram, w_o, layout, HeadLayout(3, 3, 2))  # one query head per group: not this unit

@@ -314,3 +314,40 @@ def test_auto_head_count_is_refused_where_it_cannot_apply(tiny_model_tied, texts
         _compress(tiny_model_tied, tmp_path / "a", texts, target_size=0.8, allocation="global", **common)
     with pytest.raises(StreamResizeError, match="needs --allocation uniform, --target-size"):
         _compress(tiny_model_tied, tmp_path / "b", texts, mlp_sparsity=0.25, **common)
+
+
+def test_whole_kv_groups_removed_save_stock_and_per_block_under_global(tiny_model_tied, texts, tmp_path):
+    """head_unit=kv_group: a uniform removal keeps 1 of 2 KV groups with its 2 query heads and saves as a stock
+    GQA checkpoint that stock transformers computes as the bundled save does; under global allocation each
+    block keeps whole groups ([q, kv] with q = 2 kv) and the k/v weights follow."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    from test_formats import bundled_logits, plain_logits
+
+    options = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.25, attention_sparsity=0.5,
+                   method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_unit": "kv_group"})
+    assert _compress(tiny_model_tied, tmp_path / "stock", texts, save_format="stock", **options)["format"] == "stock"
+    _compress(tiny_model_tied, tmp_path / "bundled", texts, save_format="bundled", **options)
+    config = read_config(tmp_path / "stock")
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 1)
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(7))
+    logits, cls = plain_logits(tmp_path / "stock", ids, tmp_path)
+    assert cls == "LlamaForCausalLM"
+    assert (logits - bundled_logits(tmp_path / "bundled", ids)).abs().max().item() < 1e-4
+
+    _compress(tiny_model_tied, tmp_path / "global", texts, method="dotresize", sparsity=0.0, target_size=0.75,
+              mlp_ratio="fill", allocation="global",
+              method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "global",
+                              "head_unit": "kv_group"})
+    config = read_config(tmp_path / "global")
+    heads = config.get("attention_heads") or [[config["num_attention_heads"], config["num_key_value_heads"]]] * 4
+    assert all(q == 2 * kv and kv in (1, 2) for q, kv in heads) and min(kv for _, kv in heads) == 1
+    weights = {}
+    for shard in glob.glob(os.path.join(tmp_path / "global", "*.safetensors")):
+        weights.update(load_file(shard))
+    for i, (q, kv) in enumerate(heads):
+        assert weights[f"model.layers.{i}.self_attn.v_proj.weight"].shape[0] == kv * 16
+        assert weights[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] == q * 16

@@ -82,6 +82,9 @@ HEAD_ALLOCATION = Option("uniform", str, "attention heads: uniform (--attention-
                          "only the bundled format holds) or auto (--allocation uniform with --target-size: the same "
                          "head count in every block, chosen with the MLP width by the error curves; a stock layout)",
                          choices=("uniform", "global", "auto"))
+HEAD_UNIT = Option("query", str, "what a round of head removal takes under grouped-query attention: one query head "
+                   "from every KV group (query: num_key_value_heads kept) or one whole KV group with its query heads "
+                   "(kv_group)", choices=("query", "kv_group"), recorded=False)
 MLP_READER = Option("ot", str, "how merged MLP neurons are folded into down_proj: ot (the transport map) or lstsq "
                     "(its least-squares refit)", choices=("ot", "lstsq"))
 assert set(dotresize.DEFAULTS) == set(TRANSPORT) | {"reader", "mlp_reader"}
@@ -96,7 +99,8 @@ class SlicingMethod(WidthMethod):
     @classmethod
     def option_spec(cls, recipe):
         spec = {**cls.OPTIONS, "mlp_support": MLP_SUPPORT, "obs_batch": OBS_BATCH, "curve_samples": CURVE_SAMPLES,
-                "curve_scale": CURVE_SCALE, "selection_scale": SELECTION_SCALE, "head_allocation": HEAD_ALLOCATION}
+                "curve_scale": CURVE_SCALE, "selection_scale": SELECTION_SCALE, "head_allocation": HEAD_ALLOCATION,
+                "head_unit": HEAD_UNIT}
         if cls.mlp_method_for(recipe) == "dotresize":  # the MLP neurons are merged by OT: its options apply
             spec = {**{k: Option(o.default, o.kind, o.help, o.choices, o.minimum, o.positive, recorded=False)
                        for k, o in TRANSPORT.items()}, "mlp_reader": Option(
@@ -131,7 +135,7 @@ class SlicingMethod(WidthMethod):
         problem = run.family.residual_problem(self.name, r, self.options)
         if problem:  # a family whose norms are not folded keeps the residual whole
             raise StreamResizeError(problem)
-        self.heads_source = HeadLayout.from_config(c)
+        self.heads_source = HeadLayout.from_config(c, by_group=self.options.get("head_unit") == "kv_group")
         self.heads_kept = self.heads_source.kept(r.attention_sparsity)
         if self.heads_kept != self.heads_source and r.basis == "shared":
             raise StreamResizeError("--attention-sparsity with --basis shared is not supported yet (the shared basis "
