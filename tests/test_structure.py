@@ -89,7 +89,7 @@ def _plan(tiny_model, tmp_path, *args):
 
 def test_an_option_of_another_method_is_refused_with_the_known_ones(tiny_model, tmp_path, caplog):
     assert _plan(tiny_model, tmp_path, "--method", "pca", "-o", "epsilon=0.1") == 2
-    assert "unknown method option(s) epsilon for pca; known: curve_samples, curve_scale, head_allocation, mlp_support, obs_batch, reader, rotate_full_width" in caplog.text
+    assert "unknown method option(s) epsilon for pca; known: curve_samples, curve_scale, head_allocation, head_unit, mlp_support, obs_batch, reader, rotate_full_width, selection_scale" in caplog.text
 
 
 @pytest.mark.parametrize("option,message", [("epsilon=abc", "expected a number"), ("epsilon=0", "above 0"),
