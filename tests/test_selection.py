@@ -351,3 +351,16 @@ def test_whole_kv_groups_removed_save_stock_and_per_block_under_global(tiny_mode
     for i, (q, kv) in enumerate(heads):
         assert weights[f"model.layers.{i}.self_attn.v_proj.weight"].shape[0] == kv * 16
         assert weights[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] == q * 16
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in __import__("pathlib").Path(__file__).parent.parent.joinpath(
+    "configs").glob("*.yaml")))
+def test_every_shipped_recipe_runs_and_its_output_loads(tiny_model_tied, texts, tmp_path, recipe):
+    """The recipes in configs/ as a user runs them (`--recipe configs/NAME`), on the tiny model."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", recipe)
+    cli(*compress_args(tiny_model_tied, tmp_path / "out", texts["calib"], recipe=path))
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.isfinite(streamresize.load(str(tmp_path / "out"))(ids).logits).all()
