@@ -1,6 +1,7 @@
 """Structured OBS selection and global allocation of MLP widths through the pipeline (issue 12)."""
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -12,6 +13,25 @@ from helpers import CALIB, cli, compress_args, dense_logits, read_config, tree_d
 
 def _compress(model, out, texts, **options):
     return streamresize.compress(model, str(out), dataset=[texts["calib"]], **{**CALIB, **options})
+
+
+def _block_heads(out, layers):
+    """[query heads, KV heads] of every block of an output (per-block, or one pair for all)."""
+    config = read_config(out)
+    return config.get("attention_heads") or [[config["num_attention_heads"], config["num_key_value_heads"]]] * layers
+
+
+def _output_weights(out):
+    """Every tensor of an output, by name."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in glob.glob(os.path.join(out, "*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
 
 
 def _block_errors(out):
@@ -208,23 +228,15 @@ def test_global_head_allocation_meets_the_budget_and_records_per_block_heads(tin
 def test_global_head_allocation_without_grouped_query_attention_removes_whole_heads(tokenizer, texts, tmp_path):
     """One query head per KV head: a round removes one whole head (its q, k, v rows and o columns), and the
     output's per-block KV head counts follow; the bundled output loads and its shapes match its config."""
-    import glob
-    import os
-
-    from safetensors.torch import load_file
-
     from tiny import make_tiny_llama
 
     model = make_tiny_llama(str(tmp_path / "mha"), tokenizer, num_key_value_heads=4, layers=3, seed=7)
     _compress(model, tmp_path / "out", texts, method="dotresize", sparsity=0.0, target_size=0.75, mlp_ratio="fill",
               allocation="global", method_options={"mlp_support": "obs", "mlp_reader": "lstsq",
                                                    "head_allocation": "global"})
-    config = read_config(tmp_path / "out")
-    heads = config.get("attention_heads") or [[config["num_attention_heads"], config["num_key_value_heads"]]] * 3
+    heads = _block_heads(tmp_path / "out", 3)
     assert all(q == kv for q, kv in heads) and min(q for q, _ in heads) < 4
-    weights = {}
-    for shard in glob.glob(os.path.join(tmp_path / "out", "*.safetensors")):
-        weights.update(load_file(shard))
+    weights = _output_weights(tmp_path / "out")
     for i, (q, kv) in enumerate(heads):
         assert weights[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] == kv * 16
         assert weights[f"model.layers.{i}.self_attn.o_proj.weight"].shape[1] == q * 16
@@ -320,11 +332,6 @@ def test_whole_kv_groups_removed_save_stock_and_per_block_under_global(tiny_mode
     """head_unit=kv_group: a uniform removal keeps 1 of 2 KV groups with its 2 query heads and saves as a stock
     GQA checkpoint that stock transformers computes as the bundled save does; under global allocation each
     block keeps whole groups ([q, kv] with q = 2 kv) and the k/v weights follow."""
-    import glob
-    import os
-
-    from safetensors.torch import load_file
-
     from test_formats import bundled_logits, plain_logits
 
     options = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.25, attention_sparsity=0.5,
@@ -342,19 +349,15 @@ def test_whole_kv_groups_removed_save_stock_and_per_block_under_global(tiny_mode
               mlp_ratio="fill", allocation="global",
               method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "global",
                               "head_unit": "kv_group"})
-    config = read_config(tmp_path / "global")
-    heads = config.get("attention_heads") or [[config["num_attention_heads"], config["num_key_value_heads"]]] * 4
+    heads = _block_heads(tmp_path / "global", 4)
     assert all(q == 2 * kv and kv in (1, 2) for q, kv in heads) and min(kv for _, kv in heads) == 1
-    weights = {}
-    for shard in glob.glob(os.path.join(tmp_path / "global", "*.safetensors")):
-        weights.update(load_file(shard))
+    weights = _output_weights(tmp_path / "global")
     for i, (q, kv) in enumerate(heads):
         assert weights[f"model.layers.{i}.self_attn.v_proj.weight"].shape[0] == kv * 16
         assert weights[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] == q * 16
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in __import__("pathlib").Path(__file__).parent.parent.joinpath(
-    "configs").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml")))
 def test_every_shipped_recipe_runs_and_its_output_loads(tiny_model_tied, texts, tmp_path, recipe):
     """The recipes in configs/ as a user runs them (`--recipe configs/NAME`), on the tiny model."""
     import os

@@ -519,9 +519,10 @@ class SlicingMethod(WidthMethod):
         curves = self.run.recipe.allocation == "global" or self.auto_heads
         return (curves and self.options.get("curve_scale") == "loss") or self.options.get("selection_scale") == "loss"
 
-    def _row_scale(self, sublayer, i):
-        """√F of block i's attention or MLP output channels where the selection weighs them by the loss."""
-        if self.options.get("selection_scale") != "loss":
+    def _row_scale(self, sublayer, i, option="selection_scale"):
+        """√F of block i's attention or MLP output channels where `option` (the selection's or the curves'
+        scale) weighs them by the loss; None otherwise."""
+        if self.options.get(option) != "loss":
             return None
         return self.sensitivity[sublayer][i].sqrt()
 
@@ -562,7 +563,7 @@ class SlicingMethod(WidthMethod):
             mlp = sum(_curve_at(curve, (full - width) / multiple) for curve in saved["curves"])
             heads = sum(curve[rounds] for curve in saved["head_curves"])
             options.append((mlp + heads, rounds, kept, width))
-        error, rounds, kept, width = min(options, key=lambda o: o[0])
+        _, _, kept, width = min(options, key=lambda o: o[0])
         log.info("heads and MLP width chosen by the error curves: %s; keeping %d of %d query heads, MLP %d",
                  ", ".join(f"{o[2].heads} heads with MLP {o[3]}: {o[0]:.4g}" for o in options), kept.heads,
                  source.heads, width)
@@ -698,15 +699,15 @@ class SlicingMethod(WidthMethod):
                 gram = run.reduce_tensors(gram)[0] / tokens
                 target.flush()
                 steps = (width - multiple) // multiple
-                rows = self.sensitivity["mlp"][i].sqrt() if scale == "loss" else None
-                order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple, row_scale=rows)
+                order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple,
+                                  row_scale=self._row_scale("mlp", i, "curve_scale"))
                 curves.append([order.cost(r * multiple) for r in range(steps + 1)])
                 if heads is not None:
                     for hook in hooks:
                         hook.remove()
                     head_gram = run.reduce_tensors(heads["gram"])[0] / tokens
-                    rows = self.sensitivity["attention"][i].sqrt() if scale == "loss" else None
-                    head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source, rows))
+                    head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source,
+                                                  self._row_scale("attention", i, "curve_scale")))
                 del layer, gram
                 fault_point("curves")
                 log.info("error curves, block %d: MLP %.3g at %d%% of the neurons removed%s", i,
