@@ -7,11 +7,15 @@ from .errors import StreamResizeError
 
 def output_parameters(config, width, intermediate, shortcuts, tied_head, adapter=True):
     """Total stored parameters of a narrowed Llama-family model with uniform widths. A tied head reads
-    through a k x k adapter unless `adapter` is false (the final norm holds its gain)."""
+    through a k x k adapter (`adapter` true), or none (false: the final norm holds its gain); with
+    `"diagonal"`, a k-vector where the residual is kept whole (the adapter is then the final norm's gain)
+    and k x k where it is narrowed."""
     vocab, layers = config["vocab_size"], config["num_hidden_layers"]
     shape = BlockShape.from_config(config)
     skip = 2 * width * width if shortcuts else 0
-    head = (width * width if adapter else 0) if tied_head else vocab * width
+    whole = adapter == "diagonal" and width == config["hidden_size"]
+    adapter_parameters = width if whole else width * width if adapter else 0
+    head = adapter_parameters if tied_head else vocab * width
     return vocab * width + head + layers * (shape.parameters(shape.narrowed(width, intermediate)) + skip)
 
 

@@ -149,7 +149,7 @@ def _unties_head(in_dir, weight_map):
     if "head_adapter.weight" not in weight_map:
         return False
     adapter = _load(in_dir, weight_map["head_adapter.weight"])["head_adapter.weight"]
-    return not torch.equal(adapter, torch.diag(adapter.diagonal()))
+    return adapter.dim() == 2 and not torch.equal(adapter, torch.diag(adapter.diagonal()))
 
 
 def _head_tensors(in_dir, config, weight_map, width, gain):
@@ -164,8 +164,8 @@ def _head_tensors(in_dir, config, weight_map, width, gain):
         head = tensors["lm_head.weight"]
         return {"model.norm.weight": torch.full((width,), gain, dtype=head.dtype), "lm_head.weight": head}, False, ""
     adapter = tensors["head_adapter.weight"]
-    diagonal = adapter.diagonal()
-    if torch.equal(adapter, torch.diag(diagonal)):
+    diagonal = adapter if adapter.dim() == 1 else adapter.diagonal()  # a 1-D adapter is the diagonal itself
+    if adapter.dim() == 1 or torch.equal(adapter, torch.diag(diagonal)):
         return {"model.norm.weight": (diagonal.double() * gain).to(adapter.dtype)}, True, ""
     embedding = _load(in_dir, weight_map["model.embed_tokens.weight"])["model.embed_tokens.weight"]
     head = (embedding.double() @ adapter.double()).to(adapter.dtype)

@@ -52,6 +52,29 @@ def test_target_size_meets_the_budget_tightly(tiny_model_tied, texts, tmp_path, 
     assert output_parameters(config, width + 8, wider_ff, shortcuts, config["head_adapter"]) > 0.75 * source
 
 
+def test_whole_residual_stores_and_counts_the_tied_adapter_as_a_vector(tiny_model_tied, texts, tmp_path):
+    """With the residual kept whole the tied head's adapter is the final norm's gain: a bundled output
+    stores it as a 64-vector, not a 64 x 64 matrix, and --target-size spends the difference on MLP width."""
+    out = tmp_path / "out"
+    summary = _compress(tiny_model_tied, out, texts, method="prune", sparsity=0.0, target_size=0.8, mlp_ratio="fill",
+                        save_format="bundled", width_multiple=8)
+    config = read_config(out)
+    assert config["residual_widths"][0] == 64 and config["head_adapter"] == "diagonal"
+    adapter = [load_file(s)["head_adapter.weight"] for s in glob.glob(os.path.join(out, "*.safetensors"))
+               if "head_adapter.weight" in load_file(s)]
+    assert [tuple(a.shape) for a in adapter] == [(64,)]
+    ff = config["intermediate_sizes"][0]
+    assert output_parameters(config, 64, ff, False, True, "diagonal") == summary["parameters"]
+    assert summary["parameters"] <= 0.8 * parameter_count(tiny_model_tied)
+    assert output_parameters(config, 64, ff + 8, False, True, "diagonal") > 0.8 * parameter_count(tiny_model_tied)
+    # Counted as a matrix, the same budget would have left a narrower MLP.
+    _, narrower = widths_for_target(config, 0.8, parameter_count(tiny_model_tied), "fill", (8, 8), False, True,
+                                    residual_width=64, adapter=True)
+    assert narrower < ff
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert (logits_without_streamresize(out, ids, tmp_path) - streamresize.load(str(out))(ids).logits).abs().max() < 1e-4
+
+
 def test_target_size_matches_budget_function(tiny_model):
     config = CheckpointReader(tiny_model).config
     width, ff = widths_for_target(config, 0.6, parameter_count(tiny_model), mlp_ratio=0.0, multiples=8,

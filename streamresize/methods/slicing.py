@@ -126,6 +126,10 @@ class SlicingMethod(WidthMethod):
         # A tied head reads the last point through a k x k adapter, which holds the final norm's gain; where
         # norms keep their weights (the residual whole, in its own basis) the final norm holds it instead.
         self.head_adapter = self.tied_head and run.family.norms_folded
+        if self.head_adapter and r.basis != "shared" and not self.options.get("rotate_full_width", False):
+            # Where every point keeps the residual whole its adapter is diag(final norm gain): stored as a
+            # k-vector, and counted so by --target-size (a stock output holds it as the final norm).
+            self.head_adapter = "diagonal"
         if r.basis not in ("per-point", "shared"):
             raise StreamResizeError(f"--basis {r.basis}: choose per-point or shared")
         self.shared_basis = None
@@ -867,9 +871,18 @@ class SlicingMethod(WidthMethod):
             basis_0, _ = self._load_basis(-1, path=run.work_path("basis-embedding.safetensors"))
             if basis_0 is None:
                 basis_0 = torch.eye(run.hidden, dtype=torch.float64, device=run.device)
-            return {"head_adapter.weight": rotate_reader(fold_norm(basis_0.T, scale), reader_last)}
+            adapter = rotate_reader(fold_norm(basis_0.T, scale), reader_last)
+            if self._diagonal_adapter():
+                if not torch.equal(adapter, torch.diag(adapter.diagonal())):
+                    raise RuntimeError("the residual was kept whole, yet the head adapter is not diagonal")
+                adapter = adapter.diagonal().contiguous()
+            return {"head_adapter.weight": adapter}
         head = run.weight(f.head if run.reader.has(f.head) else f.embedding)
         return {"lm_head.weight": by_rows(lambda rows: rotate_reader(fold_norm(rows, scale), reader_last), head)}
+
+    def _diagonal_adapter(self):
+        """Whether the tied head's adapter is stored as a k-vector (the residual kept whole, as counted)."""
+        return self.head_adapter == "diagonal" and self.widths[-1] == self.run.hidden
 
     # ---- the output ---------------------------------------------------------------------------
 
@@ -877,7 +890,8 @@ class SlicingMethod(WidthMethod):
         config.update(residual_widths=list(self.widths), intermediate_sizes=self.intermediate_sizes,
                       shortcuts=[[f"model.layers.{i}.{n}.weight" in weight_map for n in ("attn_shortcut", "mlp_shortcut")]
                                  for i in range(self.run.num_layers)],
-                      tie_word_embeddings=self.tied_head, head_adapter=self.head_adapter)
+                      tie_word_embeddings=self.tied_head,
+                      head_adapter="diagonal" if self._diagonal_adapter() else bool(self.head_adapter))
         if len(set(self.layer_heads)) > 1:  # per-block query heads: only the bundled modeling holds them
             config.update(attention_heads=[[h.heads, h.kv_heads] for h in self.layer_heads],
                           head_dim=self.heads_source.head_dim)

@@ -96,7 +96,7 @@ class StreamResizeConfig(LlamaConfig):
     intermediate_sizes: list | None = None
     attention_heads: list | None = None  # per block [query heads, KV heads], where they differ per block
     shortcuts: list | None = None
-    head_adapter: bool = False
+    head_adapter: bool | str = False  # True: a k x k matrix; "diagonal": a k-vector (the final norm's gain)
     disp_widths: list | None = None  # per block, sizes of the index sets I1..I5 (DISP_GROUPS)
     sliding_window: int | None = None
     # Declared (not left to **kwargs) so it is known when the rope parameters are standardized: a family with
@@ -150,6 +150,17 @@ class ResidualNorm(nn.Module):
 
 def _linear(in_features, out_features, bias=False):
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+class DiagonalAdapter(nn.Module):
+    """A tied head's adapter where the residual is kept whole: only the final norm's gain, one per channel."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, hidden_states):
+        return hidden_states * self.weight
 
 
 class _Stacked(nn.Module):
@@ -449,7 +460,8 @@ class StreamResizeForCausalLM(StreamResizePreTrainedModel, GenerationMixin):
         self.model = StreamResizeModel(config)
         # With a head adapter the head shares the embedding matrix and reads the
         # last point through a small k_last x k_0 matrix (tied embeddings stay tied).
-        self.head_adapter = _linear(config.width(-1), config.width(0)) if config.head_adapter else None
+        self.head_adapter = (DiagonalAdapter(config.width(0)) if config.head_adapter == "diagonal"
+                             else _linear(config.width(-1), config.width(0)) if config.head_adapter else None)
         head_width = config.width(0) if config.head_adapter else config.width(-1)
         self.lm_head = _linear(head_width, config.vocab_size)
         self.post_init()
