@@ -45,6 +45,15 @@ def last_json(stdout):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def output_shape(out):
+    """The widths and heads a run chose (the output is deleted with the temp dir; --json keeps these)."""
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    keys = ("residual_widths", "intermediate_sizes", "attention_heads", "hidden_size", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads", "block_configs")
+    return {k: config[k] for k in keys if config.get(k) is not None}
+
+
 def machine():
     import torch
 
@@ -138,7 +147,7 @@ def main():
                 rss.append(last_json(stdout)["peak_rss_mb"])
             result = last_json(run_measured(sr + ["eval", out, *evaluate])[0])
             row = {"label": label, "options": options, **measured(result), "wall_s": statistics.median(walls),
-                   "walls": walls, "peak_rss_mb": max(rss)}
+                   "walls": walls, "peak_rss_mb": max(rss), "shape": output_shape(out)}
             rows.append(row)
             print(f"{label}: ppl {row['perplexity']:.2f}, params {row['parameters'] / dense['parameters']:.1%}, "
                   f"acc {row['acc']}, wall {row['wall_s']:.0f}s (median of {args.repeats}), "
