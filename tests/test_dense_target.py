@@ -60,20 +60,6 @@ def test_the_dense_target_brings_the_calibration_logits_closer_to_the_dense_mode
     assert errors["dense"] < 0.9 * errors["prefix"], errors
 
 
-def test_heads_fitted_to_the_dense_residual_bring_the_calibration_logits_closer(tiny_model, texts, tmp_path):
-    """-o head_target=dense: o_proj refitted to the dense model's post-attention residual (h_dense - x)
-    after heads go, instead of the dense attention's output on the drifted prefix."""
-    common = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.0, attention_sparsity=0.5)
-    errors = {}
-    for target in ("prefix", "dense"):
-        out = tmp_path / target
-        streamresize.compress(tiny_model, str(out), dataset=[texts["calib"]], **CALIB, **common,
-                              method_options={"mlp_reader": "lstsq", "mlp_target": "dense", "head_target": target})
-        logits, dense = _calibration_logits(tiny_model, out, texts)
-        errors[target] = float((logits - dense).norm() / dense.norm())
-    assert errors["dense"] < 0.9 * errors["prefix"], errors
-
-
 def test_removing_nothing_with_the_dense_target_reproduces_the_dense_logits(tiny_model, texts, tmp_path):
     streamresize.compress(tiny_model, str(tmp_path / "out"), dataset=[texts["calib"]], **CALIB, method="dotresize",
                           sparsity=0.0, mlp_sparsity=0.0, method_options={"mlp_target": "dense", "mlp_reader": "lstsq"})
@@ -83,14 +69,12 @@ def test_removing_nothing_with_the_dense_target_reproduces_the_dense_logits(tiny
     assert (logits - dense_logits(tiny_model, ids)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("location, heads", [("disk", False), ("device", False), ("disk", True)])
-def test_a_killed_run_with_the_dense_stream_resumes_to_the_same_bytes(tiny_model, texts, tmp_path, location, heads):
+@pytest.mark.parametrize("location", ["disk", "device"])
+def test_a_killed_run_with_the_dense_stream_resumes_to_the_same_bytes(tiny_model, texts, tmp_path, location):
     """The dense stream is part of the resume state: a run killed after block 1 (its dense_b written,
     the in-memory copy lost) must rebuild block 2's target from the file, not from zeros."""
     options = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, allocation="global", width_multiple=8,
                    cache_location=location, option=OPTIONS + ["mlp_target=dense"])
-    if heads:  # the heads' target reads the dense stream's block input too
-        options.update(attention_sparsity=0.5, option=options["option"] + ["head_target=dense"])
     cli(*compress_args(tiny_model, tmp_path / "whole", texts["calib"], **options))
     args = compress_args(tiny_model, tmp_path / "killed", texts["calib"], **options)
     killed = cli(*args, env={"STREAMRESIZE_CRASH_AT": "2:start"}, check=False)
@@ -104,7 +88,6 @@ def test_a_killed_run_with_the_dense_stream_resumes_to_the_same_bytes(tiny_model
     (dict(sparsity=0.25), "mlp_target=dense needs the residual kept whole"),
     (dict(option=["mlp_reader=ot", "mlp_target=dense"]), "mlp_target=dense needs the MLP refitted by least squares"),
     (dict(method="prune", option=["mlp_target=dense"]), "unknown method option(s) mlp_target for prune"),
-    (dict(option=OPTIONS + ["head_target=dense"]), "head_target=dense needs mlp_target=dense"),
 ])
 def test_the_dense_target_is_refused_where_the_streams_cannot_be_compared(tiny_model, texts, tmp_path, extra, needs):
     options = {**dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, option=OPTIONS + ["mlp_target=dense"]),

@@ -76,10 +76,6 @@ MLP_TARGET = Option("prefix", str, "what down_proj is refitted to when MLP neuro
                     "block)", choices=("prefix", "dense"), recorded=False)
 TARGET_MIX = Option(1.0, float, "mlp_target=dense: weight of the dense target against the prefix one (1: dense "
                     "only)", minimum=0.0, recorded=False)
-HEAD_TARGET = Option("prefix", str, "mlp_target=dense: what o_proj is refitted to when attention heads go: prefix "
-                     "(the dense attention's output on the compressed prefix) or dense (the dense model's "
-                     "post-attention residual, mixed by target_mix like the MLP's)", choices=("prefix", "dense"),
-                     recorded=False)
 HEAD_ALLOCATION = Option("uniform", str, "attention heads: uniform (--attention-sparsity in every block), global "
                          "(--allocation global ranks each block's rounds of head removal, one query head per KV "
                          "group, with the MLP neurons under one parameter budget: per-block head counts, which "
@@ -109,7 +105,7 @@ class SlicingMethod(WidthMethod):
             spec = {**{k: Option(o.default, o.kind, o.help, o.choices, o.minimum, o.positive, recorded=False)
                        for k, o in TRANSPORT.items()}, "mlp_reader": Option(
                 "ot", str, MLP_READER.help, MLP_READER.choices, recorded=False), "mlp_target": MLP_TARGET,
-                "target_mix": TARGET_MIX, "head_target": HEAD_TARGET, **spec}
+                "target_mix": TARGET_MIX, **spec}
         return spec
 
     @classmethod
@@ -156,9 +152,6 @@ class SlicingMethod(WidthMethod):
         self.layer_heads = [self.heads_kept] * run.num_layers  # per block; global allocation may spread them
         self.sensitivity = None  # the loss's diagonal Fisher at each writer's output, where an option uses it
         self.dense_target = self.options.get("mlp_target", MLP_TARGET.default) == "dense"
-        self.heads_to_dense = self.options.get("head_target", HEAD_TARGET.default) == "dense"
-        if self.heads_to_dense and not self.dense_target:
-            raise StreamResizeError("method option head_target=dense needs mlp_target=dense (the dense stream)")
         if self.dense_target:
             self._check_dense_target()
             self.paired_streams = ("dense",)
@@ -783,36 +776,16 @@ class SlicingMethod(WidthMethod):
         layer = self._calibration_layer(i, k_in, {f.attn_writer: w_o, **readers, **extras}, heads=layout)
         width = layout.heads * layout.head_dim
         stats = Moments(width, run.device)
-        seen = {}
-
-        def observe(module, args):
-            stats.add(args[0])
-            seen["z"] = args[0]
-
-        hook = layer.self_attn.o_proj.register_forward_pre_hook(observe)
+        hook = layer.self_attn.o_proj.register_forward_pre_hook(lambda module, args: stats.add(args[0]))
         view_in = run.cache.view(source, k_in)
-        dense, cross = None, None
-        if self.heads_to_dense:  # o_proj aims at the dense model's post-attention residual: h_dense - x
-            dense, _ = self._dense_layer(i)
-            dense_in = run.cache.view(run.paired(source)[0], run.hidden)
-            cross = torch.zeros(w_o.shape, dtype=torch.float64, device=run.device)
         with torch.no_grad():
             for rows in run.cache.batches(run.recipe.batch_size):
                 x = run.cache.read(view_in, rows, run.device)
                 layer.self_attn(layer.attention_input(x), **self._attention_inputs(i, x))
-                if dense is not None:
-                    x_dense = run.cache.read(dense_in, rows, run.device)
-                    wanted = (dense.attention_residual(x_dense, **self._attention_inputs(i, x_dense)).double()
-                              - x.double())
-                    z = seen["z"]
-                    cross += gram_product(wanted.reshape(-1, wanted.shape[-1]), z.reshape(-1, z.shape[-1]))
                 fault_point("accumulating")
         hook.remove()
-        del layer, dense
+        del layer
         stats = run.reduce(stats)
-        if cross is not None:
-            cross = run.reduce_tensors(cross)[0]
-            w_o = dense_target_weight(stats.gram, cross, w_o, float(self.options.get("target_mix", TARGET_MIX.default)))
         heads, kv, w_o, info = select_heads(stats.gram, w_o, layout, kept, self._row_scale("attention", i))
         fault_point("heads")
         q_role, k_role, v_role = f.attn_readers
