@@ -8,6 +8,7 @@ second instead of ten.
 """
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -258,6 +259,16 @@ def tree_digest(path, exclude=()):
 def read_config(out):
     with open(os.path.join(out, "config.json")) as f:
         return json.load(f)
+
+
+def output_weights(out):
+    """Every tensor of an output directory's shards, by name."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted(glob.glob(os.path.join(out, "*.safetensors"))):
+        weights.update(load_file(shard))
+    return weights
 
 
 # The first lines of a script that loads an output where streamresize cannot be imported (what a user

@@ -1,12 +1,8 @@
 """Shared basis (no skip matrices) and --target-size (widths from a parameter budget)."""
 
-import glob
-import os
-
 import pytest
 import torch
-from helpers import CALIB, dense_logits, logits_without_streamresize, read_config
-from safetensors.torch import load_file
+from helpers import CALIB, dense_logits, logits_without_streamresize, output_weights, read_config
 
 import streamresize
 from streamresize.budget import output_parameters, widths_for_target
@@ -17,19 +13,12 @@ def _compress(model, out, texts, **options):
     return streamresize.compress(model, str(out), dataset=[texts["calib"]], **{**CALIB, **options})
 
 
-def _names(out):
-    names = set()
-    for shard in glob.glob(os.path.join(out, "*.safetensors")):
-        names.update(load_file(shard))
-    return names
-
-
 @pytest.mark.parametrize("method", ["pca", "dotresize"])
 def test_shared_basis_has_no_shortcuts_and_reproduces_at_full_width(tiny_model_tied, texts, tmp_path, method):
     out = tmp_path / "out"
     _compress(tiny_model_tied, out, texts, method=method, sparsity=0.0, basis="shared",
               method_options={"epsilon": 1e-3} if method == "dotresize" else {})
-    assert not any("shortcut" in n for n in _names(out))
+    assert not any("shortcut" in n for n in output_weights(out))
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     assert (logits_without_streamresize(out, ids, tmp_path) - dense_logits(tiny_model_tied, ids)).abs().max() < 1e-4
 
@@ -45,7 +34,7 @@ def test_target_size_meets_the_budget_tightly(tiny_model_tied, texts, tmp_path, 
     assert summary["parameters"] <= 0.75 * source
     config = read_config(out)
     width, ff = config["residual_widths"][0], config["intermediate_sizes"][0]
-    shortcuts = any("shortcut" in n for n in _names(out))
+    shortcuts = any("shortcut" in n for n in output_weights(out))
     assert output_parameters(config, width, ff, shortcuts, config["head_adapter"]) == summary["parameters"]
     # One step wider would not fit.
     wider_ff = max(8, int((1 - (1 - (width + 8) / 64)) * 96) // 8 * 8)
@@ -60,9 +49,7 @@ def test_whole_residual_stores_and_counts_the_tied_adapter_as_a_vector(tiny_mode
                         save_format="bundled", width_multiple=8)
     config = read_config(out)
     assert config["residual_widths"][0] == 64 and config["head_adapter"] == "diagonal"
-    adapter = [load_file(s)["head_adapter.weight"] for s in glob.glob(os.path.join(out, "*.safetensors"))
-               if "head_adapter.weight" in load_file(s)]
-    assert [tuple(a.shape) for a in adapter] == [(64,)]
+    assert tuple(output_weights(out)["head_adapter.weight"].shape) == (64,)
     ff = config["intermediate_sizes"][0]
     assert output_parameters(config, 64, ff, False, True, "diagonal") == summary["parameters"]
     assert summary["parameters"] <= 0.8 * parameter_count(tiny_model_tied)

@@ -1,13 +1,12 @@
 """DISP-LLM: per-block index sets, budgets, the streamed selection against an in-memory reference."""
 
-import glob
 import os
 
 import pytest
 import torch
-from helpers import CALIB, cli, compress_args, dense_logits, logits_without_streamresize, read_config, tree_digest
+from helpers import (CALIB, cli, compress_args, dense_logits, logits_without_streamresize, output_weights, read_config,
+                     tree_digest)
 from reference_disp import reference_disp
-from safetensors.torch import load_file
 
 import streamresize
 from streamresize.checkpoint import parameter_count
@@ -19,13 +18,6 @@ GROUPS = ("attn_in_index", "attn_out_index", "mlp_in_index", "mlp_out_index")
 
 def _compress(model, out, texts, **options):
     return streamresize.compress(model, str(out), dataset=[texts["calib"]], method="disp", **{**CALIB, **options})
-
-
-def _weights(out):
-    weights = {}
-    for shard in glob.glob(os.path.join(out, "*.safetensors")):
-        weights.update(load_file(shard))
-    return weights
 
 
 def _ids(seed=0, shape=(2, 24), vocab=300):
@@ -49,7 +41,7 @@ def _block_parameters(weights, layers):
 def test_full_index_sets_reproduce_dense_logits_bit_for_bit(tiny_model, texts, tmp_path):
     out = tmp_path / "out"
     _compress(tiny_model, out, texts, sparsity=0.0)
-    weights = _weights(out)
+    weights = output_weights(out)
     assert weights["model.layers.0.attn_in_index"].dtype == torch.int64
     ids = _ids()
     ours = logits_without_streamresize(out, ids, tmp_path)
@@ -63,7 +55,7 @@ def test_budget_met_and_index_sets_valid(tiny_model, texts, tmp_path, allocation
     summary = _compress(tiny_model, out, texts, sparsity=0.3, allocation=allocation)
     shape, layers = _shape(tiny_model)
     config = read_config(out)
-    weights = _weights(out)
+    weights = output_weights(out)
     budget = 0.7 * layers * shape.parameters(shape.full)
     achieved = _block_parameters(weights, layers)
     assert achieved == sum(shape.parameters(w) for w in config["disp_widths"])
@@ -93,7 +85,7 @@ def test_streaming_matches_in_memory_reference(tiny_model, texts, tmp_path):
 
     out = tmp_path / "out"
     _compress(tiny_model, out, texts, sparsity=0.4, method_options={"refit": False})  # the paper's variant
-    config, weights = read_config(out), _weights(out)
+    config, weights = read_config(out), output_weights(out)
     ids = torch.from_numpy(calibration_ids(tiny_model, [texts["calib"]], CALIB["num_calibration_samples"],
                                            CALIB["max_seq_length"], 0))
     chosen, model = reference_disp(tiny_model, ids, config["disp_widths"])

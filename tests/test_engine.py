@@ -1,16 +1,13 @@
 """The streaming engine with the `pca` method, end to end on a tiny random Llama (GQA, 3+ shards)."""
 
-import glob
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from helpers import (CALIB, cli, compress_args, dense_logits, logits_without_streamresize, read_config,
+from helpers import (CALIB, cli, compress_args, dense_logits, logits_without_streamresize, output_weights, read_config,
                      tree_digest)
 from reference_pca import reference_pca
-from safetensors.torch import load_file
 
 import streamresize
 from streamresize.checkpoint import parameter_count
@@ -25,19 +22,12 @@ def _compress(model, out, texts, **options):
     return streamresize.compress(model, str(out), dataset=[texts["calib"]], **{**CALIB, **options})
 
 
-def _weights(out):
-    weights = {}
-    for shard in glob.glob(os.path.join(out, "*.safetensors")):
-        weights.update(load_file(shard))
-    return weights
-
-
 @pytest.mark.parametrize("rotate", [False, True])
 def test_sparsity_zero_reproduces_dense_logits_through_stock_transformers(tiny_model, texts, tmp_path, rotate):
     """rotate: full-width PCA rotations and skip matrices at every point instead of the identity."""
     out = tmp_path / "out"
     _compress(tiny_model, out, texts, sparsity=0.0, method_options={"rotate_full_width": rotate})
-    assert any("shortcut" in name for name in _weights(out)) == rotate
+    assert any("shortcut" in name for name in output_weights(out)) == rotate
     ids = _ids()
     ours = logits_without_streamresize(out, ids, tmp_path)
     dense = dense_logits(tiny_model, ids)
@@ -48,7 +38,7 @@ def test_sparsity_zero_reproduces_dense_logits_through_stock_transformers(tiny_m
 def test_bf16_input_stays_bf16_and_tracks_dense(tiny_model_bf16, texts, tmp_path):
     out = tmp_path / "out"
     _compress(tiny_model_bf16, out, texts, sparsity=0.0, method_options={"rotate_full_width": True})
-    assert all(t.dtype == torch.bfloat16 for t in _weights(out).values())
+    assert all(t.dtype == torch.bfloat16 for t in output_weights(out).values())
     assert read_config(out)["dtype"] == "bfloat16"
     ids = _ids()
     ours = logits_without_streamresize(out, ids, tmp_path)
@@ -61,7 +51,7 @@ def test_streaming_matches_in_memory_reference(tiny_model, texts, pca_quarter):
     out = pca_quarter.out  # compress --sparsity 0.25
     ids = torch.from_numpy(_calibration_ids(tiny_model, texts))
     expected = reference_pca(tiny_model, ids, 0.25)
-    got = _weights(out)
+    got = output_weights(out)
     assert set(got) == set(expected)
     for name, tensor in expected.items():
         assert got[name].shape == tensor.shape, name
@@ -81,7 +71,7 @@ def test_sparsity_quarter_has_recorded_widths_fewer_parameters_and_loads(tiny_mo
     config = read_config(out)
     assert config["residual_widths"] == [48] * (2 * config["num_hidden_layers"] + 1)
     assert [p["width"] for p in config["streamresize"]["points"]] == config["residual_widths"]
-    weights = _weights(out)
+    weights = output_weights(out)
     assert weights["model.embed_tokens.weight"].shape[1] == 48
     assert weights["model.layers.0.self_attn.q_proj.weight"].shape[1] == 48
     assert weights["model.layers.0.mlp.down_proj.weight"].shape[0] == 48

@@ -8,7 +8,7 @@ import torch
 
 import streamresize
 from streamresize.errors import StreamResizeError
-from helpers import CALIB, cli, compress_args, dense_logits, read_config, tree_digest
+from helpers import CALIB, cli, compress_args, dense_logits, output_weights, read_config, tree_digest
 
 
 def _compress(model, out, texts, **options):
@@ -19,19 +19,6 @@ def _block_heads(out, layers):
     """[query heads, KV heads] of every block of an output (per-block, or one pair for all)."""
     config = read_config(out)
     return config.get("attention_heads") or [[config["num_attention_heads"], config["num_key_value_heads"]]] * layers
-
-
-def _output_weights(out):
-    """Every tensor of an output, by name."""
-    import glob
-    import os
-
-    from safetensors.torch import load_file
-
-    weights = {}
-    for shard in glob.glob(os.path.join(out, "*.safetensors")):
-        weights.update(load_file(shard))
-    return weights
 
 
 def _block_errors(out):
@@ -236,7 +223,7 @@ def test_global_head_allocation_without_grouped_query_attention_removes_whole_he
                                                    "head_allocation": "global"})
     heads = _block_heads(tmp_path / "out", 3)
     assert all(q == kv for q, kv in heads) and min(q for q, _ in heads) < 4
-    weights = _output_weights(tmp_path / "out")
+    weights = output_weights(tmp_path / "out")
     for i, (q, kv) in enumerate(heads):
         assert weights[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] == kv * 16
         assert weights[f"model.layers.{i}.self_attn.o_proj.weight"].shape[1] == q * 16
@@ -351,19 +338,19 @@ def test_whole_kv_groups_removed_save_stock_and_per_block_under_global(tiny_mode
                               "head_unit": "kv_group"})
     heads = _block_heads(tmp_path / "global", 4)
     assert all(q == 2 * kv and kv in (1, 2) for q, kv in heads) and min(kv for _, kv in heads) == 1
-    weights = _output_weights(tmp_path / "global")
+    weights = output_weights(tmp_path / "global")
     for i, (q, kv) in enumerate(heads):
         assert weights[f"model.layers.{i}.self_attn.v_proj.weight"].shape[0] == kv * 16
         assert weights[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] == q * 16
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml")))
+CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_shipped_recipe_runs_and_its_output_loads(tiny_model_tied, texts, tmp_path, recipe):
     """The recipes in configs/ as a user runs them (`--recipe configs/NAME`), on the tiny model."""
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", recipe)
-    cli(*compress_args(tiny_model_tied, tmp_path / "out", texts["calib"], recipe=path))
+    cli(*compress_args(tiny_model_tied, tmp_path / "out", texts["calib"], recipe=str(CONFIGS / recipe)))
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.isfinite(streamresize.load(str(tmp_path / "out"))(ids).logits).all()
