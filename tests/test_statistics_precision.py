@@ -8,7 +8,7 @@ import torch
 import streamresize
 from helpers import CALIB, dense_logits
 from streamresize.precision import resolve_statistics_products
-from streamresize.statistics import Moments, products
+from streamresize.statistics import Moments, add_gram_product, gram_product, products, scratch_matrix
 
 RUN_LOG = "streamresize_run.json"
 
@@ -19,6 +19,24 @@ def _gram(x, dtype):
         for part in x.split(256):
             stats.add(part)
     return stats.gram
+
+
+def test_gram_products_add_into_a_file_backed_matrix_in_place(tmp_path):
+    """add_gram_product writes xᵀ y into `out` itself (a memory-mapped scratch file for a 7B MLP's d_ff²
+    Gram, so no n x n temporary lands in anonymous memory) and equals out + gram_product in both product
+    precisions."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(300, 40, generator=g), torch.randn(300, 40, generator=g)
+    for dtype in (torch.float64, torch.float32):
+        out = scratch_matrix(str(tmp_path / f"gram-{dtype}.f64"), (40, 40))
+        start = torch.randn(40, 40, generator=g, dtype=torch.float64)
+        out.copy_(start)
+        pointer = out.data_ptr()
+        with products(dtype):
+            result = add_gram_product(out, x, y)
+            expected = start + gram_product(x, y)
+        assert result.data_ptr() == pointer and out.data_ptr() == pointer
+        assert torch.allclose(out, expected, rtol=1e-12, atol=1e-10)
 
 
 def test_float32_products_are_summed_in_float64_within_float32_rounding():

@@ -22,7 +22,7 @@ from ..plan import MethodFootprint
 from ..modeling.modeling_streamresize import StreamResizeConfig, attention_inputs, decoder_layer_class, layer_type
 from ..precision import compute_in
 from ..runtime import crash_point, fault_point, peak_memory_mb
-from ..statistics import Moments, gram_product, pca_error, relative_error, scratch_matrix
+from ..statistics import Moments, add_gram_product, gram_product, pca_error, relative_error, scratch_matrix
 from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, rotate_writer, shortcut, through
 from ..writer import atomic_write_json, save_tensors
 from . import dotresize, pca, prune, target_width, width_multiples
@@ -635,6 +635,14 @@ class SlicingMethod(WidthMethod):
         layer = self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}, heads=self.heads_source)
         return layer, weights[f.mlp_writer]
 
+    def _curve_matrix(self, name, n):
+        """A zeroed n x n float64 matrix for the curves: on the CPU in a scratch file (a 7B MLP's 11008²
+        in file-backed pages, as in the narrowing itself), elsewhere on the device."""
+        run = self.run
+        if run.device.type == "cpu":
+            return scratch_matrix(run.work_path(f"scratch-{name}.f64"), (n, n))
+        return torch.zeros(n, n, dtype=torch.float64, device=run.device)
+
     def _measure_curves(self, progress, multiple):
         """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), and
         with head_allocation=global its attention error after 0, 1, ... rounds of heads, on dense inputs
@@ -644,7 +652,9 @@ class SlicingMethod(WidthMethod):
         1/‖r‖² of the residual the sublayer's output joins (after the MLP: the block output; after
         attention: h), so the errors of different layers and sublayers compare. Where a norm follows each
         sublayer (Gemma), it rescales the error with the output: tokens are also weighted by that norm's
-        gain ‖norm(m)‖² / ‖m‖² on the writer's output m."""
+        gain ‖norm(m)‖² / ‖m‖² on the writer's output m. Under the loss scale that gain is divided by its
+        mean over the tokens: the Fisher at m already holds the norm's average gain, but not which tokens
+        it shrinks (a token whose m is huge, as at attention sinks, is nearly free to get wrong)."""
         run, d = self.run, self.run.hidden
         n = min(run.ids.shape[0], int(self.options.get("curve_samples", CURVE_SAMPLES.default)))
         batches = [(a, min(b, n)) for a, b in run.cache.batches(run.recipe.batch_size) if a < n]
@@ -657,8 +667,8 @@ class SlicingMethod(WidthMethod):
         curves, head_curves = [], []
         scale = self.options.get("curve_scale", CURVE_SCALE.default)
         relative = scale == "residual"
-        # Under the loss scale the gradient at the writer's output already holds a post-sublayer norm's gain.
-        post_norms = not run.family.norms_folded and scale != "loss"
+        post_norms = not run.family.norms_folded
+        per_token_gain = post_norms and scale == "loss"  # gains relative to their mean: see the docstring
 
         def energies(t):
             return t.reshape(-1, t.shape[-1]).double().pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
@@ -668,13 +678,19 @@ class SlicingMethod(WidthMethod):
             weight = 1.0 / energies(residual) if relative else 1.0
             return weight * (energies(added) / energies(written)) if post_norms else weight
 
+        def gain_mean(token_weight, total):
+            """Add this batch's gains to `total` (a 1-tensor); return the weight unchanged."""
+            if per_token_gain:
+                total += token_weight.sum()
+            return token_weight
+
         with torch.no_grad():
             for i in range(run.num_layers):
                 progress.set_postfix_str(f"error curves: block {i}")
                 layer, down = self._dense_layer(i)
                 source, target = views[i % 2], views[(i + 1) % 2]
                 width = down.shape[1]
-                gram = torch.zeros(width, width, dtype=torch.float64, device=run.device)
+                gram = self._curve_matrix("curve-gram", width)
                 heads = None
                 if self.global_heads or self.auto_heads:
                     w_o = layer.self_attn.o_proj.weight
@@ -684,6 +700,8 @@ class SlicingMethod(WidthMethod):
                         layer.self_attn.o_proj.register_forward_hook(
                             lambda module, args, out: heads.__setitem__("o", out))]
                 tokens = 0
+                gains = {"mlp": torch.zeros(1, dtype=torch.float64, device=run.device),
+                         "attention": torch.zeros(1, dtype=torch.float64, device=run.device)}
                 for rows in batches:
                     x = run.cache.read(source, rows, run.device)
                     h = layer.attention_residual(x, **self._attention_inputs(i, x))
@@ -693,23 +711,30 @@ class SlicingMethod(WidthMethod):
                     y = h + u
                     run.cache.write(target, rows, y)
                     a = a.reshape(-1, width).double()
-                    gram += gram_product(a * token_weights(y, u, m), a)
+                    add_gram_product(gram, a * gain_mean(token_weights(y, u, m), gains["mlp"]), a)
                     if heads is not None:
                         z = heads.pop("z").reshape(h.numel() // d, -1).double()
-                        heads["gram"] += gram_product(z * token_weights(h, h - x, heads.pop("o")), z)
+                        weight = gain_mean(token_weights(h, h - x, heads.pop("o")), gains["attention"])
+                        add_gram_product(heads["gram"], z * weight, z)
                     tokens += a.shape[0]
                     fault_point("accumulating")
                 tokens = run.reduce_count(tokens)
-                gram = run.reduce_tensors(gram)[0] / tokens
+                if per_token_gain:  # Σ_t w_t a aᵀ / Σ_t w_t: tokens weighted by their gain over its mean
+                    run.reduce_tensors(*gains.values())
+                    gains = {k: float(v) / tokens for k, v in gains.items()}
+                else:
+                    gains = {"mlp": 1.0, "attention": 1.0}
+                gram = run.reduce_tensors(gram)[0].div_(tokens * gains["mlp"])
                 target.flush()
                 steps = (width - multiple) // multiple
                 order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple,
-                                  row_scale=self._row_scale("mlp", i, "curve_scale"))
+                                  row_scale=self._row_scale("mlp", i, "curve_scale"),
+                                  buffer=self._curve_matrix("obs-inverse", width))
                 curves.append([order.cost(r * multiple) for r in range(steps + 1)])
                 if heads is not None:
                     for hook in hooks:
                         hook.remove()
-                    head_gram = run.reduce_tensors(heads["gram"])[0] / tokens
+                    head_gram = run.reduce_tensors(heads["gram"])[0] / (tokens * gains["attention"])
                     head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source,
                                                   self._row_scale("attention", i, "curve_scale")))
                 del layer, gram
@@ -820,19 +845,24 @@ class SlicingMethod(WidthMethod):
     def _narrow_mlp(self, i, layer, scratch, basis_attn_f, mlp_readers, w_down, dense_out=None):
         """One pass for the intermediate activations on the narrowed prefix, then keep k of d_ff neurons.
         With `dense_out` (the dense model's block output) down_proj is fitted to what takes the block's
-        output there: y_dense − h, h the compressed residual the MLP adds to."""
+        output there: y_dense − h, h the compressed residual the MLP adds to. Where a norm follows the
+        MLP (Gemma), that is what the norm should add, so down_proj aims at its preimage (before_post_norm)."""
         run = self.run
         on_cpu = run.device.type == "cpu"  # a 7B MLP's d_ff² matrices in file-backed pages, not anonymous memory
         stats = Moments(w_down.shape[1], run.device,
                         gram_path=run.work_path(f"stats-mlp-{i}.f64.gram") if on_cpu else None)
         cross = None if dense_out is None else torch.zeros(w_down.shape, dtype=torch.float64, device=run.device)
+        post_norm = not run.family.norms_folded and bool((run.family.post_norms or (None, None))[1])
         with torch.no_grad():
+            gain = layer.mlp_output(torch.ones(1, run.hidden, device=run.device)) if post_norm else None
             for rows in run.cache.batches(run.recipe.batch_size):
                 residual = through(run.cache.read(scratch, rows, run.device), basis_attn_f)
                 a = run.family.mlp_hidden(layer.mlp, layer.mlp_input(residual))
                 stats.add(a)
                 if cross is not None:
                     wanted = run.cache.read(dense_out, rows, run.device).double() - residual.double()
+                    if post_norm:
+                        wanted = before_post_norm(wanted, a.double() @ w_down.double().T, gain)
                     cross += gram_product(wanted.reshape(-1, wanted.shape[-1]), a.reshape(-1, a.shape[-1]))
         stats = run.reduce(stats)
         stats.offload(run.work_path(f"stats-mlp-{i}.f64"))
@@ -977,6 +1007,22 @@ class DotResizeMethod(SlicingMethod):
                "mlp_reader": Option("lstsq", str, MLP_READER.help, MLP_READER.choices),
                "rotate_full_width": ROTATE_FULL_WIDTH}
     solve = staticmethod(dotresize.solve)
+
+
+def before_post_norm(wanted, prefix, gain):
+    """What a writer followed by an RMS norm of gain `gain` should output for the norm to add `wanted`:
+    wanted / gain (the norm forgets the scale), each token scaled to the RMS of `prefix` (the dense
+    writer's own output there), so that a mix with the prefix target stays in proportion. A gain under
+    1e-3 of the mean |gain| is held at that floor: a channel the norm mutes is not blown up."""
+    g = gain.double().reshape(-1)
+    floor = 1e-3 * g.abs().mean()
+    g = torch.where(g.abs() < floor, torch.where(g < 0, -floor, floor), g)
+    preimage = wanted / g
+
+    def rms(t):
+        return t.pow(2).mean(-1, keepdim=True).sqrt()
+
+    return preimage * (rms(prefix) / rms(preimage).clamp_min(1e-30))
 
 
 def dense_target_weight(gram, cross, down, mix, buffer=None):
