@@ -109,12 +109,14 @@ def symmetric_from_lower(h, rows=1024):
     return h
 
 
-def solve_ridged(fill, n, rhs, ridge=1e-8, out=None):
-    """(A + λI)⁻¹ rhs, A written by `fill` into `out` (or a new buffer) and factored there (see ridged)."""
+def solve_ridged(fill, n, rhs, ridge=1e-8, out=None, overwrite=False):
+    """(A + λI)⁻¹ rhs, A written by `fill` into `out` (or a new buffer) and factored there (see ridged).
+    `overwrite`: on the CPU the solution may be written over a float64, column-major `rhs`."""
     h, factor = ridged(fill, n, rhs.device, ridge, out)
     if h.device.type != "cpu":
         return torch.cholesky_solve(rhs.to(torch.float64), factor)
-    x, info = lapack.dpotrs(factor, rhs.detach().to(torch.float64).cpu().numpy(), lower=0)
+    x, info = lapack.dpotrs(factor, rhs.detach().to(torch.float64).cpu().numpy(), lower=0,
+                            overwrite_b=int(overwrite))
     return torch.from_numpy(x)  # Fortran order as LAPACK returns it; torch takes the strides
 
 
