@@ -635,13 +635,16 @@ class SlicingMethod(WidthMethod):
         layer = self._calibration_layer(i, run.hidden, {**weights, **run.block_extras(i)}, heads=self.heads_source)
         return layer, weights[f.mlp_writer]
 
+    def _scratch(self, name, shape):
+        """A zeroed float64 work matrix in the work dir's scratch file `name` (a 7B MLP's d_ff² matrices
+        in file-backed pages, not anonymous memory)."""
+        return scratch_matrix(self.run.work_path(f"scratch-{name}.f64"), shape)
+
     def _curve_matrix(self, name, n):
-        """A zeroed n x n float64 matrix for the curves: on the CPU in a scratch file (a 7B MLP's 11008²
-        in file-backed pages, as in the narrowing itself), elsewhere on the device."""
-        run = self.run
-        if run.device.type == "cpu":
-            return scratch_matrix(run.work_path(f"scratch-{name}.f64"), (n, n))
-        return torch.zeros(n, n, dtype=torch.float64, device=run.device)
+        """A zeroed n x n float64 matrix for the curves: a scratch file on the CPU, as in the narrowing."""
+        if self.run.device.type == "cpu":
+            return self._scratch(name, (n, n))
+        return torch.zeros(n, n, dtype=torch.float64, device=self.run.device)
 
     def _measure_curves(self, progress, multiple):
         """Every block's MLP error after removing 0, m, 2m, ... neurons (greedy OBS with the refit), and
@@ -678,12 +681,6 @@ class SlicingMethod(WidthMethod):
             weight = 1.0 / energies(residual) if relative else 1.0
             return weight * (energies(added) / energies(written)) if post_norms else weight
 
-        def gain_mean(token_weight, total):
-            """Add this batch's gains to `total` (a 1-tensor); return the weight unchanged."""
-            if per_token_gain:
-                total += token_weight.sum()
-            return token_weight
-
         with torch.no_grad():
             for i in range(run.num_layers):
                 progress.set_postfix_str(f"error curves: block {i}")
@@ -700,8 +697,7 @@ class SlicingMethod(WidthMethod):
                         layer.self_attn.o_proj.register_forward_hook(
                             lambda module, args, out: heads.__setitem__("o", out))]
                 tokens = 0
-                gains = {"mlp": torch.zeros(1, dtype=torch.float64, device=run.device),
-                         "attention": torch.zeros(1, dtype=torch.float64, device=run.device)}
+                weight_sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # MLP, attention
                 for rows in batches:
                     x = run.cache.read(source, rows, run.device)
                     h = layer.attention_residual(x, **self._attention_inputs(i, x))
@@ -711,20 +707,22 @@ class SlicingMethod(WidthMethod):
                     y = h + u
                     run.cache.write(target, rows, y)
                     a = a.reshape(-1, width).double()
-                    add_gram_product(gram, a * gain_mean(token_weights(y, u, m), gains["mlp"]), a)
+                    weight = token_weights(y, u, m)
+                    add_gram_product(gram, a * weight, a)
                     if heads is not None:
                         z = heads.pop("z").reshape(h.numel() // d, -1).double()
-                        weight = gain_mean(token_weights(h, h - x, heads.pop("o")), gains["attention"])
-                        add_gram_product(heads["gram"], z * weight, z)
+                        head_weight = token_weights(h, h - x, heads.pop("o"))
+                        add_gram_product(heads["gram"], z * head_weight, z)
+                    if per_token_gain:
+                        weight_sums[0] += weight.sum()
+                        weight_sums[1] += head_weight.sum() if heads is not None else 0.0
                     tokens += a.shape[0]
                     fault_point("accumulating")
                 tokens = run.reduce_count(tokens)
+                divisors = [tokens, tokens]
                 if per_token_gain:  # Σ_t w_t a aᵀ / Σ_t w_t: tokens weighted by their gain over its mean
-                    run.reduce_tensors(*gains.values())
-                    gains = {k: float(v) / tokens for k, v in gains.items()}
-                else:
-                    gains = {"mlp": 1.0, "attention": 1.0}
-                gram = run.reduce_tensors(gram)[0].div_(tokens * gains["mlp"])
+                    divisors = run.reduce_tensors(weight_sums)[0].tolist()
+                gram = run.reduce_tensors(gram)[0].div_(divisors[0])
                 target.flush()
                 steps = (width - multiple) // multiple
                 order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple,
@@ -734,7 +732,7 @@ class SlicingMethod(WidthMethod):
                 if heads is not None:
                     for hook in hooks:
                         hook.remove()
-                    head_gram = run.reduce_tensors(heads["gram"])[0] / (tokens * gains["attention"])
+                    head_gram = run.reduce_tensors(heads["gram"])[0] / divisors[1]
                     head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source,
                                                   self._row_scale("attention", i, "curve_scale")))
                 del layer, gram
@@ -852,9 +850,12 @@ class SlicingMethod(WidthMethod):
         stats = Moments(w_down.shape[1], run.device,
                         gram_path=run.work_path(f"stats-mlp-{i}.f64.gram") if on_cpu else None)
         cross = None if dense_out is None else torch.zeros(w_down.shape, dtype=torch.float64, device=run.device)
-        post_norm = not run.family.norms_folded and bool((run.family.post_norms or (None, None))[1])
+        post_norm = (cross is not None and not run.family.norms_folded
+                     and bool((run.family.post_norms or (None, None))[1]))
         with torch.no_grad():
-            gain = layer.mlp_output(torch.ones(1, run.hidden, device=run.device)) if post_norm else None
+            if post_norm:  # the norm's gain and the dense writer, once per block
+                gain = layer.mlp_output(torch.ones(1, run.hidden, device=run.device))
+                down_t = w_down.double().T
             for rows in run.cache.batches(run.recipe.batch_size):
                 residual = through(run.cache.read(scratch, rows, run.device), basis_attn_f)
                 a = run.family.mlp_hidden(layer.mlp, layer.mlp_input(residual))
@@ -862,14 +863,12 @@ class SlicingMethod(WidthMethod):
                 if cross is not None:
                     wanted = run.cache.read(dense_out, rows, run.device).double() - residual.double()
                     if post_norm:
-                        wanted = before_post_norm(wanted, a.double() @ w_down.double().T, gain)
+                        wanted = before_post_norm(wanted, a.double() @ down_t, gain)
                     add_gram_product(cross, wanted.reshape(-1, wanted.shape[-1]), a.reshape(-1, a.shape[-1]))
         stats = run.reduce(stats)
         stats.offload(run.work_path(f"stats-mlp-{i}.f64"))
         stats.to(run.device)
-        work = None
-        if on_cpu:
-            work = lambda name, shape: scratch_matrix(run.work_path(f"scratch-{name}.f64"), shape)  # noqa: E731
+        work = self._scratch if on_cpu else None
         if cross is not None:
             cross = run.reduce_tensors(cross)[0]
             n = w_down.shape[1]
