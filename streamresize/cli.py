@@ -275,7 +275,6 @@ def run_compress(args):
     check_writable(args.out_dir, args.work_dir)
     from .pipeline import compress
 
-    log.info("compressing %s -> %s with %s", args.model_dir, args.out_dir, recipe.resolved())
     restore = install_stop_handlers()
     try:
         result = compress(args.model_dir, args.out_dir, recipe, work_dir=args.work_dir, restart=args.restart,

@@ -202,6 +202,8 @@ class Run:
             raise StreamResizeError(f"{self.out_dir}: cannot create the output directory ({e.strerror})") from e
         self.out_lock = DirectoryLock(self.out_dir, "output directory").acquire()
         self.workspace = WorkDir(self.work_dir, self.out_dir).claim()
+        # Only now: a run refused by the lock has not started, and must not log that it has.
+        log.info("compressing %s -> %s with %s", self.model_dir, self.out_dir, self.recipe.resolved())
         self._read_calibration()
         if self.restart:
             self.workspace.clear()

@@ -93,16 +93,21 @@ def test_default_work_dir_is_removed_after_success(tiny_model, texts, tmp_path):
 # ---- one run per directory ---------------------------------------------------------------------
 
 
-def test_a_locked_output_is_refused_naming_the_process(tiny_model, texts, tmp_path):
+def test_a_locked_output_is_refused_naming_the_process(tiny_model, texts, tmp_path, caplog):
     out = tmp_path / "out"
     out.mkdir()
     lock = DirectoryLock(str(out), "output directory").acquire()
     try:
-        with pytest.raises(StreamResizeError, match=f"in use by process {os.getpid()}"):
-            _compress(tiny_model, out, texts)
+        with caplog.at_level("INFO", logger="streamresize"):
+            with pytest.raises(StreamResizeError, match=f"in use by process {os.getpid()}"):
+                _compress(tiny_model, out, texts)
     finally:
         lock.release()
     assert os.listdir(out) == []
+    assert not any(r.getMessage().startswith("compressing") for r in caplog.records)  # it never started
+    with caplog.at_level("INFO", logger="streamresize"):
+        _compress(tiny_model, out, texts)
+    assert any(r.getMessage().startswith("compressing") for r in caplog.records)
 
 
 def test_a_locked_work_dir_is_refused(tiny_model, texts, tmp_path):
