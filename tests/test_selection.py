@@ -356,17 +356,20 @@ def test_every_shipped_recipe_runs_and_its_output_loads(tiny_model_tied, texts, 
         assert torch.isfinite(streamresize.load(str(tmp_path / "out"))(ids).logits).all()
 
 
-def test_a_refit_with_fewer_tokens_than_kept_neurons_says_its_error_means_nothing(tiny_model, texts, tmp_path,
-                                                                                  caplog):
-    common = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, width_multiple=8,
+def test_a_refit_with_fewer_tokens_than_kept_inputs_says_its_error_means_nothing(tiny_model, texts, tmp_path,
+                                                                                 caplog):
+    common = dict(method="dotresize", sparsity=0.0, mlp_sparsity=0.5, attention_sparsity=0.5, width_multiple=8,
                   method_options={"mlp_reader": "lstsq", "mlp_support": "obs"})
     with caplog.at_level("INFO", logger="streamresize"):
         _compress(tiny_model, tmp_path / "few", texts, **{**common, "num_calibration_samples": 2,
                                                           "max_seq_length": 16})
     few = [r.getMessage() for r in caplog.records if "MLP 48 of 96" in r.getMessage()]
     assert len(few) == 4 and all("exact by construction: 32 calibration tokens for 48 kept" in m for m in few)
+    heads = [r.getMessage() for r in caplog.records if "attention heads 2 of 4" in r.getMessage()]
+    assert len(heads) == 4 and all("32 calibration tokens for 32 kept o_proj inputs" in m for m in heads)
     caplog.clear()
     with caplog.at_level("INFO", logger="streamresize"):
         _compress(tiny_model, tmp_path / "enough", texts, **common)
     enough = [r.getMessage() for r in caplog.records if "MLP 48 of 96" in r.getMessage()]
     assert len(enough) == 4 and not any("exact by construction" in m for m in enough)
+    assert not any("exact by construction" in r.getMessage() for r in caplog.records)

@@ -493,7 +493,8 @@ class SlicingMethod(WidthMethod):
         self._commit(i, target, f"model-block-{i:05d}.safetensors", tensors, basis_out, reader_out, entry)
         mlp_text = (f"MLP {self.intermediate_sizes[i]} of {run.source_config['intermediate_size']} "
                     f"(output error {mlp_point['local_error']:.4f}, pruning {mlp_point['prune_error']:.4f}, "
-                    f"solved in {mlp_point['solve_seconds']:.1f}s{self._underdetermined(i)})"
+                    f"solved in {mlp_point['solve_seconds']:.1f}s"
+                    f"{self._underdetermined(self.intermediate_sizes[i], 'neurons')})"
                     if mlp_point else f"MLP {self.intermediate_sizes[i]}")
         # The residual points' errors only where a point is narrowed: a point kept whole has none to report.
         residual_text = "".join(
@@ -820,16 +821,16 @@ class SlicingMethod(WidthMethod):
             for role in (k_role, v_role):
                 readers[role] = readers[role][kv_rows.to(run.device)]
         extras = f.select_head_rows(extras, layout.rows(heads), kv_rows)
-        log.info("block %d: attention heads %d of %d (kept %s), o_proj output error %.4f (pruning alone %.4f)",
-                 i, info["heads"], layout.heads, info["kept"], info["local_error"], info["prune_error"])
+        log.info("block %d: attention heads %d of %d (kept %s), o_proj output error %.4f (pruning alone %.4f%s)",
+                 i, info["heads"], layout.heads, info["kept"], info["local_error"], info["prune_error"],
+                 self._underdetermined(info["heads"] * layout.head_dim, "o_proj inputs"))
         return readers, w_o.float(), info, extras
 
-    def _underdetermined(self, i):
-        """A note for the log where the refit has no fewer unknowns per row than calibration tokens: its
-        error on them is then zero whatever was removed, and says nothing."""
+    def _underdetermined(self, kept, what):
+        """A note for the log where a refit has no fewer unknowns per row (`kept` inputs) than calibration
+        tokens: its error on them is then zero whatever was removed, and says nothing."""
         tokens = self.run.cache.shape[0] * self.run.cache.shape[1]
-        kept = self.intermediate_sizes[i]
-        return (f"; exact by construction: {tokens} calibration tokens for {kept} kept neurons, "
+        return (f"; exact by construction: {tokens} calibration tokens for {kept} kept {what}, "
                 f"use more tokens" if tokens <= kept else "")
 
     def _dense_pass(self, i, source, target):
