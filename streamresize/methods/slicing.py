@@ -390,6 +390,10 @@ class SlicingMethod(WidthMethod):
         run = self.run
         start, source, target = run.begin_block(i)
         k_in = self.widths[2 * i]
+        dense_out = None
+        if self.dense_target:  # first: the dense block is gone before any of the narrowed one is loaded
+            progress.set_postfix_str(f"block {i}: dense block")
+            dense_out = self._dense_pass(i, source, target)
         basis_in, reader_in = self._load_basis(i - 1)
         f = run.family
 
@@ -436,10 +440,6 @@ class SlicingMethod(WidthMethod):
         mlp_readers = run.as_output(mlp_readers)
         basis_attn_f = None if basis_attn is None else basis_attn.float()
         mlp_point = None
-        dense_out = None
-        if self.dense_target:
-            progress.set_postfix_str(f"block {i}: dense block")
-            dense_out = self._dense_pass(i, source, target)
         if self.intermediate_sizes[i] < run.source_config["intermediate_size"]:
             progress.set_postfix_str(f"block {i}: narrowing MLP neurons")
             mlp_readers, w_down, mlp_point = self._narrow_mlp(i, layer, scratch, basis_attn_f, mlp_readers, w_down,
