@@ -55,22 +55,25 @@ def through(x, matrix):
     return x if matrix is None else x @ matrix
 
 
-def by_rows(transform, weight, rows=ROWS):
+def by_rows(transform, weight, rows=ROWS, dtype=None):
     """transform(weight) computed a block of rows at a time, for a transform that acts on each row
-    alone: a vocabulary-sized matrix never has a whole float64 copy besides the result."""
+    alone: a vocabulary-sized matrix never has a whole float64 copy. `dtype`: the result's (the
+    output's, so that a 7B embedding is not held in float64 - 1 GB - until its shard is written)."""
     first = transform(weight[:rows])
+    if dtype is not None:
+        first = first.to(dtype)
     if weight.shape[0] <= rows:
         return first
     out = first.new_empty((weight.shape[0], *first.shape[1:]))
     out[:rows] = first
     for start in range(rows, weight.shape[0], rows):
-        out[start:start + rows] = transform(weight[start:start + rows])
+        out[start:start + rows] = transform(weight[start:start + rows])  # cast to out's dtype in the copy
     return out
 
 
-def rotate_embedding(embedding, basis):
-    """Embedding rows are writers into point 0: E Q (vocab x k)."""
-    return by_rows(lambda rows: rotate_reader(rows, basis), embedding)
+def rotate_embedding(embedding, basis, dtype=None):
+    """Embedding rows are writers into point 0: E Q (vocab x k), in `dtype` (see by_rows)."""
+    return by_rows(lambda rows: rotate_reader(rows, basis), embedding, dtype=dtype)
 
 
 def shortcut(previous_basis, next_basis):

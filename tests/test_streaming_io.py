@@ -198,6 +198,11 @@ def test_by_rows_equals_the_whole_transform():
     whole = rotate_reader(fold_norm(weight, scale), basis)
     parts = by_rows(lambda rows: rotate_reader(fold_norm(rows, scale), basis), weight, rows=64)
     assert parts.shape == whole.shape and torch.allclose(parts, whole, rtol=0, atol=1e-12)
+    # In the output's dtype, each block is cast once: bit for bit the whole float64 result cast, and
+    # no float64 matrix of the full size is returned (a 7B embedding's would be 1 GB).
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cast = by_rows(lambda rows: rotate_reader(fold_norm(rows, scale), basis), weight, rows=64, dtype=dtype)
+        assert cast.dtype == dtype and torch.equal(cast, whole.to(dtype))
 
 
 def test_memory_options_from_the_command_line(tiny_model, texts, tmp_path):

@@ -379,7 +379,8 @@ class SlicingMethod(WidthMethod):
             progress.set_postfix_str("embedding: propagating")
             run.cache.project_in_place("hidden_a", basis, run.recipe.batch_size, run.device)
         entry = {"step": "embedding", "points": [point], "seconds": time.time() - start}
-        tensors = {"model.embed_tokens.weight": rotate_embedding(embedding, basis)}
+        tensors = {"model.embed_tokens.weight": rotate_embedding(embedding, basis, run.out_dtype)}
+        del embedding  # its float32 copy (0.5 GB for a 7B model) is not held while the shard is written
         if self.tied_head:  # the head adapter needs Q_0 at the very end
             self._save_basis(-1, basis, basis, path=run.work_path("basis-embedding.safetensors"))
         self._commit(-1, "hidden_a", "model-embed.safetensors", tensors, basis, reader, entry)
@@ -903,7 +904,8 @@ class SlicingMethod(WidthMethod):
             head = {f.final_norm: scale}
             if not self.tied_head:
                 source = run.weight(f.head if run.reader.has(f.head) else f.embedding)
-                head["lm_head.weight"] = by_rows(lambda rows: rotate_reader(rows, reader_last), source)
+                head["lm_head.weight"] = by_rows(lambda rows: rotate_reader(rows, reader_last), source,
+                                                 dtype=run.out_dtype)
             return head
         if self.tied_head:
             basis_0, _ = self._load_basis(-1, path=run.work_path("basis-embedding.safetensors"))
@@ -916,7 +918,8 @@ class SlicingMethod(WidthMethod):
                 adapter = adapter.diagonal().contiguous()
             return {"head_adapter.weight": adapter}
         head = run.weight(f.head if run.reader.has(f.head) else f.embedding)
-        return {"lm_head.weight": by_rows(lambda rows: rotate_reader(fold_norm(rows, scale), reader_last), head)}
+        return {"lm_head.weight": by_rows(lambda rows: rotate_reader(fold_norm(rows, scale), reader_last), head,
+                                          dtype=run.out_dtype)}
 
     def _diagonal_adapter(self):
         """Whether the tied head's adapter is stored as a k-vector (the residual kept whole, as counted)."""
