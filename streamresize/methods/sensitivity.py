@@ -123,6 +123,7 @@ class _Backward:
                     h = layer.attention_residual(x, **self.method._attention_inputs(i, x))
                     target[s:s + 1] = layer.mlp_residual(h).to("cpu", torch.float32).numpy()
             target.flush()
+            del layer  # before the next block's is built: two dense 7B blocks are 1.6 GB
             if drop(i):
                 self._drop(f"in-{i}")
             fault_point("sensitivity")
