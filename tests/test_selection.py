@@ -267,7 +267,7 @@ def test_error_curves_see_through_the_norm_after_each_sublayer(tokenizer, texts,
                       method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "head_allocation": "global",
                                       "curve_scale": scale})
         curves[name] = [line for line in caplog.messages if line.startswith("error curves, block")]
-        assert len(curves[name]) == 3
+        assert len(curves[name]) == 3 and all("after each round of heads" in line for line in curves[name])
     numbers = {k: [[float(x) for x in re.findall(r"\d+\.?\d*(?:e[-+]\d+)?", line)[1:]] for line in v]
                for k, v in curves.items()}
     for source, scaled_ in zip(numbers["source"], numbers["scaled"]):

@@ -737,15 +737,15 @@ class SlicingMethod(WidthMethod):
                     head_gram = run.reduce_tensors(heads["gram"])[0] / divisors[1]
                     head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source,
                                                   self._row_scale("attention", i, "curve_scale")))
-                # Nothing of this block may outlive it: its dense down_proj, float64 activations and
-                # head Gram (0.6 GB on the 7B shape) sat beside the next block's dense layer.
-                del layer, down, gram, order, x, h, a, m, u, y, weight
-                heads = w_o = z = head_weight = None
                 fault_point("curves")
                 log.info("error curves, block %d: MLP %.3g at %d%% of the neurons removed%s", i,
                          curves[-1][len(curves[-1]) // 2], 100 * (len(curves[-1]) // 2) * multiple // width,
                          f", attention {' '.join(f'{e:.3g}' for e in head_curves[-1][1:])} after each round of "
                          "heads" if heads is not None else "")
+                # Nothing of this block may outlive it: its dense down_proj, float64 activations and
+                # head Gram (0.6 GB on the 7B shape) sat beside the next block's dense layer.
+                del layer, down, gram, order, x, h, a, m, u, y, weight
+                heads = w_o = z = head_weight = None
         return {"curves": curves, **({"head_curves": head_curves} if head_curves else {})}
 
     def _fit_shared_basis(self, progress):
