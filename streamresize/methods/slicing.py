@@ -683,69 +683,76 @@ class SlicingMethod(WidthMethod):
             weight = 1.0 / energies(residual) if relative else 1.0
             return weight * (energies(added) / energies(written)) if post_norms else weight
 
+        def block_curves(i):
+            """Block i's MLP curve and (with heads ranked) its head curve. A function of its own, so that
+            nothing of the block (its dense layer, float64 activations, head Gram: 0.6 GB on the 7B
+            shape) is still held while the next block's dense layer is built."""
+            layer, down = self._dense_layer(i)
+            source, target = views[i % 2], views[(i + 1) % 2]
+            width = down.shape[1]
+            gram = self._curve_matrix("curve-gram", width)
+            heads = None
+            if self.global_heads or self.auto_heads:
+                w_o = layer.self_attn.o_proj.weight
+                heads = {"gram": torch.zeros(w_o.shape[1], w_o.shape[1], dtype=torch.float64, device=run.device)}
+                hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+                    lambda module, args: heads.__setitem__("z", args[0])),
+                    layer.self_attn.o_proj.register_forward_hook(
+                        lambda module, args, out: heads.__setitem__("o", out))]
+            tokens = 0
+            weight_sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # MLP, attention
+            for rows in batches:
+                x = run.cache.read(source, rows, run.device)
+                h = layer.attention_residual(x, **self._attention_inputs(i, x))
+                a = run.family.mlp_hidden(layer.mlp, layer.mlp_input(h))
+                m = layer.mlp.down_proj(a)
+                u = layer.mlp_output(m)
+                y = h + u
+                run.cache.write(target, rows, y)
+                a = a.reshape(-1, width).double()
+                weight = token_weights(y, u, m)
+                add_gram_product(gram, a * weight, a)
+                if heads is not None:
+                    z = heads.pop("z").reshape(h.numel() // d, -1).double()
+                    head_weight = token_weights(h, h - x, heads.pop("o"))
+                    add_gram_product(heads["gram"], z * head_weight, z)
+                if per_token_gain:
+                    weight_sums[0] += weight.sum()
+                    weight_sums[1] += head_weight.sum() if heads is not None else 0.0
+                tokens += a.shape[0]
+                fault_point("accumulating")
+            tokens = run.reduce_count(tokens)
+            divisors = [tokens, tokens]
+            if per_token_gain:  # Σ_t w_t a aᵀ / Σ_t w_t: tokens weighted by their gain over its mean
+                divisors = run.reduce_tensors(weight_sums)[0].tolist()
+            gram = run.reduce_tensors(gram)[0].div_(divisors[0])
+            target.flush()
+            steps = (width - multiple) // multiple
+            order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple,
+                              row_scale=self._row_scale("mlp", i, "curve_scale"),
+                              buffer=self._curve_matrix("obs-inverse", width))
+            curve = [order.cost(r * multiple) for r in range(steps + 1)]
+            if heads is None:
+                return curve, None
+            for hook in hooks:
+                hook.remove()
+            head_gram = run.reduce_tensors(heads["gram"])[0] / divisors[1]
+            return curve, head_curve(head_gram, w_o.double(), self.heads_source,
+                                     self._row_scale("attention", i, "curve_scale"))
+
         with torch.no_grad():
             for i in range(run.num_layers):
                 progress.set_postfix_str(f"error curves: block {i}")
-                layer, down = self._dense_layer(i)
-                source, target = views[i % 2], views[(i + 1) % 2]
-                width = down.shape[1]
-                gram = self._curve_matrix("curve-gram", width)
-                heads = None
-                if self.global_heads or self.auto_heads:
-                    w_o = layer.self_attn.o_proj.weight
-                    heads = {"gram": torch.zeros(w_o.shape[1], w_o.shape[1], dtype=torch.float64, device=run.device)}
-                    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
-                        lambda module, args: heads.__setitem__("z", args[0])),
-                        layer.self_attn.o_proj.register_forward_hook(
-                            lambda module, args, out: heads.__setitem__("o", out))]
-                tokens = 0
-                weight_sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # MLP, attention
-                for rows in batches:
-                    x = run.cache.read(source, rows, run.device)
-                    h = layer.attention_residual(x, **self._attention_inputs(i, x))
-                    a = run.family.mlp_hidden(layer.mlp, layer.mlp_input(h))
-                    m = layer.mlp.down_proj(a)
-                    u = layer.mlp_output(m)
-                    y = h + u
-                    run.cache.write(target, rows, y)
-                    a = a.reshape(-1, width).double()
-                    weight = token_weights(y, u, m)
-                    add_gram_product(gram, a * weight, a)
-                    if heads is not None:
-                        z = heads.pop("z").reshape(h.numel() // d, -1).double()
-                        head_weight = token_weights(h, h - x, heads.pop("o"))
-                        add_gram_product(heads["gram"], z * head_weight, z)
-                    if per_token_gain:
-                        weight_sums[0] += weight.sum()
-                        weight_sums[1] += head_weight.sum() if heads is not None else 0.0
-                    tokens += a.shape[0]
-                    fault_point("accumulating")
-                tokens = run.reduce_count(tokens)
-                divisors = [tokens, tokens]
-                if per_token_gain:  # Σ_t w_t a aᵀ / Σ_t w_t: tokens weighted by their gain over its mean
-                    divisors = run.reduce_tensors(weight_sums)[0].tolist()
-                gram = run.reduce_tensors(gram)[0].div_(divisors[0])
-                target.flush()
-                steps = (width - multiple) // multiple
-                order = obs_order(gram, down, remove=steps * multiple, damp=OBS_DAMP, batch=multiple,
-                                  row_scale=self._row_scale("mlp", i, "curve_scale"),
-                                  buffer=self._curve_matrix("obs-inverse", width))
-                curves.append([order.cost(r * multiple) for r in range(steps + 1)])
+                curve, heads = block_curves(i)
+                curves.append(curve)
                 if heads is not None:
-                    for hook in hooks:
-                        hook.remove()
-                    head_gram = run.reduce_tensors(heads["gram"])[0] / divisors[1]
-                    head_curves.append(head_curve(head_gram, w_o.double(), self.heads_source,
-                                                  self._row_scale("attention", i, "curve_scale")))
+                    head_curves.append(heads)
                 fault_point("curves")
                 log.info("error curves, block %d: MLP %.3g at %d%% of the neurons removed%s", i,
-                         curves[-1][len(curves[-1]) // 2], 100 * (len(curves[-1]) // 2) * multiple // width,
-                         f", attention {' '.join(f'{e:.3g}' for e in head_curves[-1][1:])} after each round of "
+                         curve[len(curve) // 2],
+                         100 * (len(curve) // 2) * multiple // run.source_config["intermediate_size"],
+                         f", attention {' '.join(f'{e:.3g}' for e in heads[1:])} after each round of "
                          "heads" if heads is not None else "")
-                # Nothing of this block may outlive it: its dense down_proj, float64 activations and
-                # head Gram (0.6 GB on the 7B shape) sat beside the next block's dense layer.
-                del layer, down, gram, order, x, h, a, m, u, y, weight
-                heads = w_o = z = head_weight = None
         return {"curves": curves, **({"head_curves": head_curves} if head_curves else {})}
 
     def _fit_shared_basis(self, progress):
@@ -833,7 +840,7 @@ class SlicingMethod(WidthMethod):
     def _underdetermined(self, kept, what):
         """A note for the log where a refit has no fewer unknowns per row (`kept` inputs) than calibration
         tokens: its error on them is then zero whatever was removed, and says nothing."""
-        tokens = self.run.cache.shape[0] * self.run.cache.shape[1]
+        tokens = self.run.all_ids.size  # every process's: the refit's statistics are summed over them
         return (f"; exact by construction: {tokens} calibration tokens for {kept} kept {what}, "
                 f"use more tokens" if tokens <= kept else "")
 
