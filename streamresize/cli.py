@@ -139,8 +139,9 @@ def _run_options(p):
     p.add_argument("--seed", type=int, help="seed for sampling calibration windows (default 0)")
     p.add_argument("--width-multiple", type=_multiple,
                    help="round kept widths down to a multiple of this; auto (default): the largest of 128/64/32/"
-                        "16/8 that leaves at least 16 widths to choose from (GPU-friendly shapes), and 256 for MLP "
-                        "widths under --save-format decilm (its ffn_mult encoding needs them)")
+                        "16/8 that leaves at least 16 widths to choose from (GPU-friendly shapes) and, for an MLP width "
+                        "shared by every block (--allocation uniform), whose one step costs at most 1%% of the "
+                        "parameters; 256 for MLP widths under --save-format decilm (its ffn_mult encoding needs them)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default: the input's)")
     p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16", "float16"],

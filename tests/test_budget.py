@@ -41,6 +41,23 @@ def test_target_size_meets_the_budget_tightly(tiny_model_tied, texts, tmp_path, 
     assert output_parameters(config, width + 8, wider_ff, shortcuts, config["head_adapter"]) > 0.75 * source
 
 
+def test_a_uniform_target_size_lands_within_one_percent_with_the_auto_multiple(tokenizer, texts, tmp_path):
+    """Uniform MLP widths from --target-size: the auto multiple is fine enough that one step in every block
+    costs at most 1 % of the parameters, so the output keeps between target - 1 % and target. This model's
+    768-wide MLP alone would take a multiple of 32 (3.7 % of its parameters per step in all 4 blocks)."""
+    from streamresize.methods import MAX_STEP_SHARE
+    from tiny import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "wide"), tokenizer, tie=True, intermediate_size=768)
+    source = parameter_count(model)
+    for target in (0.9, 0.7):
+        summary = _compress(model, tmp_path / f"out{target}", texts, method="prune", sparsity=0.0,
+                            target_size=target, mlp_ratio="fill")
+        assert target - MAX_STEP_SHARE <= summary["parameters"] / source <= target
+        ff = read_config(tmp_path / f"out{target}")["intermediate_size"]
+        assert ff % 8 == 0 and ff % 32  # a step of 8, not 32
+
+
 def test_whole_residual_stores_and_counts_the_tied_adapter_as_a_vector(tiny_model_tied, texts, tmp_path):
     """With the residual kept whole the tied head's adapter is the final norm's gain: a bundled output
     stores it as a 64-vector, not a 64 x 64 matrix, and --target-size spends the difference on MLP width."""

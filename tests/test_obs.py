@@ -107,6 +107,13 @@ def test_auto_width_multiples_are_gpu_friendly_and_256_for_decilm():
     assert width_multiples("auto", 64, 96) == (8, 8)               # too narrow for coarser steps
     assert width_multiples("auto", 4096, 11008, "decilm") == (128, 256)
     assert width_multiples(16, 576, 1536) == (16, 16)
+    # Uniform widths: one step in every block costs at most 1 % of the parameters, so --target-size lands
+    # within 1 % (one neuron in all blocks: SmolLM2 30 x 1728 of 134.5 M, Llama-2-7B 32 x 12288 of 6.74 G,
+    # Gemma 3 270M 18 x 1920 of 268.1 M).
+    assert width_multiples("auto", 576, 1536, mlp_unit_share=30 * 1728 / 134_515_008) == (32, 16)
+    assert width_multiples("auto", 4096, 11008, mlp_unit_share=32 * 12288 / 6_738_415_616) == (128, 128)
+    assert width_multiples("auto", 640, 2048, mlp_unit_share=18 * 1920 / 268_098_176) == (32, 64)
+    assert width_multiples("auto", 576, 1536, "decilm", mlp_unit_share=1.0) == (32, 256)
     with pytest.raises(StreamResizeError, match="--width-multiple 64 with --save-format decilm"):
         width_multiples(64, 576, 1536, "decilm")
 

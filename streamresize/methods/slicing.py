@@ -15,6 +15,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
+from ..arch.base import BlockShape
 from ..budget import output_parameters, widths_for_target
 from ..errors import StreamResizeError
 from ..formats import HEADS_PROBLEM, SHORTCUT_PROBLEM
@@ -192,7 +193,8 @@ class SlicingMethod(WidthMethod):
         """Uniform widths from --sparsity / --mlp-sparsity, or from --target-size (the parameter budget)."""
         run, r, c = self.run, self.run.recipe, self.run.source_config
         hidden = run.hidden
-        self.multiples = width_multiples(r.width_multiple, hidden, c["intermediate_size"], run.save_format)
+        self.multiples = width_multiples(r.width_multiple, hidden, c["intermediate_size"], run.save_format,
+                                         self._uniform_neuron_share() if r.allocation == "uniform" else 0.0)
         residual_multiple, mlp_multiple = self.multiples
         if r.target_size is None:
             width = target_width(hidden, r.sparsity, residual_multiple)
@@ -206,6 +208,13 @@ class SlicingMethod(WidthMethod):
                      hidden, intermediate, c["intermediate_size"])
         self.widths = [width] * (2 * run.num_layers + 1)
         self.intermediate_sizes = [intermediate] * run.num_layers
+
+    def _uniform_neuron_share(self):
+        """One MLP neuron in every block, as a share of the source's parameters."""
+        run, shape = self.run, BlockShape.from_config(self.run.source_config)
+        ff, hidden = shape.intermediate, run.hidden
+        neuron = shape.parameters(shape.narrowed(hidden, ff)) - shape.parameters(shape.narrowed(hidden, ff - 1))
+        return run.num_layers * neuron / run.reader.parameter_count()
 
     def _head_config(self, kept=None):
         """The source config with `kept` head counts (default: the uniform ones; what the budget uses)."""
