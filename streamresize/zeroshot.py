@@ -99,11 +99,15 @@ def loglikelihoods(model, requests, max_length, batch_size=8, device="cpu", desc
             ids = torch.zeros(len(batch), len(inputs[batch[0]][0]), dtype=torch.long)
             for row, i in enumerate(batch):
                 ids[row, :len(inputs[i][0])] = torch.as_tensor(inputs[i][0])
-            logits = model(ids.to(device)).logits
+            # The continuation's tokens are predicted at the last len(targets) positions of each row's own
+            # input; the head runs only from the batch's first such position on (logits_to_keep). With a
+            # 262k-token vocabulary (Gemma 3) the head over every position was most of the time.
+            first = min(len(inputs[i][0]) - len(inputs[i][1]) for i in batch)
+            logits = model(ids.to(device), logits_to_keep=ids.shape[1] - first).logits
             for row, i in enumerate(batch):
                 source, targets = inputs[i]
-                # The continuation's tokens are predicted at the last len(targets) input positions.
-                logprobs = logits[row, len(source) - len(targets):len(source)].float().log_softmax(-1)
+                start = len(source) - len(targets) - first
+                logprobs = logits[row, start:start + len(targets)].float().log_softmax(-1)
                 targets = torch.as_tensor(targets, device=logprobs.device)
                 scores[i] = float(logprobs.gather(-1, targets[:, None]).sum())
     return scores

@@ -142,6 +142,22 @@ def test_zero_shot_accuracy_matches_the_constructed_logits(tmp_path, seed):
     assert result["items"] == 40
 
 
+def test_loglikelihoods_equal_the_sum_over_the_constructed_logits():
+    """Each request's score is its continuation's summed log-probability, whatever the other requests in
+    its batch (the head runs only on the batch's scored positions: logits_to_keep)."""
+    from streamresize.zeroshot import loglikelihoods
+
+    rng = np.random.default_rng(5)
+    table = rng.normal(0, 2, (12, 12))
+    logprobs = table - np.log(np.exp(table).sum(1, keepdims=True))
+    requests = [(rng.integers(0, 12, int(rng.integers(1, 9))).tolist(), rng.integers(0, 12, int(rng.integers(1, 6))).tolist())
+                for _ in range(23)]
+    want = [sum(logprobs[([*c, *t])[len(c) + k - 1], t[k]] for k in range(len(t))) for c, t in requests]
+    for batch_size in (1, 4, 23):
+        got = loglikelihoods(_bigram_llama(table), requests, max_length=64, batch_size=batch_size)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
 def test_zero_shot_known_answers(tmp_path):
     """A chain model (w_i is followed by w_i+1) always picks the chain; under flat logits acc picks the
     fewest tokens and acc_norm the most characters per token, as lm-eval's length normalization does."""
