@@ -13,7 +13,8 @@ Each configuration is compressed --repeats times in a fresh process (wall time: 
 measured by the kernel for that process alone), then evaluated once (perplexity and zero-shot
 accuracy are deterministic): held-out perplexity, and accuracy on the zero-shot task built from the
 held-out text (--tasks; --no-zeroshot skips it). Wall times are reported as ratios to --baseline,
-a configuration measured in the same run.
+a configuration measured in the same run. --json is rewritten after every row (a stopped run keeps
+what it measured), with each compression's log in the folder beside it (JSON-NAME-logs/).
 """
 
 import argparse
@@ -32,13 +33,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_measured(cmd):
-    """Run cmd; return (stdout, wall seconds). Peak RSS comes from the child's own summary line."""
+    """Run cmd; return (stdout, stderr, wall seconds). Peak RSS comes from the child's own summary line."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return proc.stdout, wall
+    return proc.stdout, proc.stderr, wall
 
 
 def last_json(stdout):
@@ -131,6 +132,19 @@ def main():
         return {"perplexity": result["perplexity"], "parameters": result["parameters"],
                 "acc": zeroshot.get("acc"), "acc_norm": zeroshot.get("acc_norm")}
 
+    def save_json(rows, complete):
+        """--json after every row, so a stopped run keeps what it measured; each compress log beside it."""
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"dense": dense, "rows": rows, "machine": machine(), "complete": complete}, f, indent=2)
+
+    def save_log(label, log):
+        if args.json:
+            logs = os.path.splitext(args.json)[0] + "-logs"
+            os.makedirs(logs, exist_ok=True)
+            with open(os.path.join(logs, re.sub(r"\W+", "_", label) + ".log"), "w") as f:
+                f.write(log)
+
     dense = last_json(run_measured(sr + ["eval", demo["model"], *evaluate])[0])
     rows = [{"label": "dense", **measured(dense)}]
     print(f"dense: ppl {dense['perplexity']:.2f}, {dense['parameters']} parameters", flush=True)
@@ -142,19 +156,19 @@ def main():
                         "--restart", *shlex.split(options)]
             walls, rss = [], []
             for _ in range(args.repeats):
-                stdout, wall = run_measured(cmd)
+                stdout, log, wall = run_measured(cmd)
+                save_log(label, log)
                 walls.append(wall)
                 rss.append(last_json(stdout)["peak_rss_mb"])
             result = last_json(run_measured(sr + ["eval", out, *evaluate])[0])
             row = {"label": label, "options": options, **measured(result), "wall_s": statistics.median(walls),
                    "walls": walls, "peak_rss_mb": max(rss), "shape": output_shape(out)}
             rows.append(row)
+            save_json(rows, complete=False)
             print(f"{label}: ppl {row['perplexity']:.2f}, params {row['parameters'] / dense['parameters']:.1%}, "
                   f"acc {row['acc']}, wall {row['wall_s']:.0f}s (median of {args.repeats}), "
                   f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"dense": dense, "rows": rows, "machine": machine()}, f, indent=2)
+    save_json(rows, complete=True)
 
     base = next(r for r in rows if r["label"] == baseline)
     zeroshot = not args.no_zeroshot
