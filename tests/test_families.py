@@ -291,6 +291,33 @@ def test_gemma3_target_size_fills_the_mlp(models, texts, tmp_path):
     assert config_of(tmp_path / "out")["intermediate_size"] < 96
 
 
+@pytest.mark.parametrize("key", ["qwen2", "qwen3", "llama3", "phi3", "gemma3", "gemma2", "qwen2-mha"])
+def test_the_budget_formula_counts_every_stored_parameter_of_the_dense_model(models, key):
+    """Block-linear weights, embedding and head, and the family's vectors (norms, biases, q/k norms): the
+    formula --target-size spends equals the source's stored count at full width."""
+    from streamresize.budget import output_parameters
+    from streamresize.checkpoint import parameter_count
+
+    model = models(key)
+    config = config_of(model)
+    formula = output_parameters(config, config["hidden_size"], config["intermediate_size"], False,
+                                config.get("tie_word_embeddings", False), adapter=False,
+                                family=arch.spec_for(config))
+    assert formula == parameter_count(model)
+
+
+@pytest.mark.parametrize("key", ["qwen2", "gemma3"])
+def test_target_size_is_not_passed_by_norms_and_biases(tokenizer, texts, tmp_path, key):
+    """A target just above what the narrowed blocks alone need: before the family's norms and biases were
+    counted, 0.6 kept 60.004 % (qwen2) and 60.011 % (gemma3) of the parameters on 768-wide MLPs."""
+    model = make_tiny_llama(str(tmp_path / "wide"), tokenizer, seed=5, architecture=key, intermediate_size=768)
+    for target in (0.6, 0.75):
+        summary = compress(model, tmp_path / f"out{target}", recipe=os.path.join(ROOT, "configs", "portable.yaml"),
+                           target_size=target, dataset=texts["calib"])
+        assert summary["parameters"] <= target * summary["source_parameters"]
+        assert summary["parameters"] >= (target - 0.01) * summary["source_parameters"]
+
+
 # ---- refusals ------------------------------------------------------------------------------------
 
 

@@ -65,7 +65,8 @@ class CurveAllocation:
             try:
                 _, width = widths_for_target(self._head_config(kept), r.target_size, run.reader.parameter_count(),
                                              r.mlp_ratio, self.multiples, False, self.tied_head,
-                                             residual_width=run.hidden, adapter=self.head_adapter)
+                                             residual_width=run.hidden, adapter=self.head_adapter,
+                                             family=run.family)
             except StreamResizeError:
                 continue  # no MLP width fits with this many heads
             mlp = sum(_curve_at(curve, (full - width) / multiple) for curve in saved["curves"])
@@ -104,7 +105,8 @@ class CurveAllocation:
         layers, full, source = run.num_layers, c["intermediate_size"], self.heads_source
 
         def parameters(config, intermediate):
-            return output_parameters(config, run.hidden, intermediate, False, self.tied_head, adapter=self.head_adapter)
+            return output_parameters(config, run.hidden, intermediate, False, self.tied_head, adapter=self.head_adapter,
+                                     family=run.family)
 
         dense = parameters(c, full)
         keep = (r.target_size * run.reader.parameter_count() if r.target_size is not None
@@ -125,7 +127,7 @@ class CurveAllocation:
         run, r = self.run, self.run.recipe
         config = self._head_config()
         rest = output_parameters(config, self.widths[0], 0, r.basis == "per-point" and r.sparsity > 0,
-                                 self.tied_head, adapter=self.head_adapter)
+                                 self.tied_head, adapter=self.head_adapter, family=run.family)
         per_neuron = 3 * self.widths[0]  # a gate row, an up row and a down column
         return int((r.target_size * run.reader.parameter_count() - rest) // per_neuron)
 

@@ -195,7 +195,8 @@ class SlicingMethod(CurveAllocation, WidthMethod):
             width, intermediate = widths_for_target(
                 self._head_config(), r.target_size, run.reader.parameter_count(), r.mlp_ratio, self.multiples,
                 r.basis == "per-point" and r.sparsity > 0, self.tied_head,
-                residual_width=target_width(hidden, r.sparsity, residual_multiple), adapter=self.head_adapter)
+                residual_width=target_width(hidden, r.sparsity, residual_multiple), adapter=self.head_adapter,
+                family=run.family)
             log.info("target size %.3f: residual width %d of %d, MLP width %d of %d", r.target_size, width,
                      hidden, intermediate, c["intermediate_size"])
         self.widths = [width] * (2 * run.num_layers + 1)
