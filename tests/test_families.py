@@ -318,6 +318,23 @@ def test_target_size_is_not_passed_by_norms_and_biases(tokenizer, texts, tmp_pat
         assert summary["parameters"] >= (target - 0.01) * summary["source_parameters"]
 
 
+@pytest.mark.parametrize("key,scale,other", [("gemma3", "residual", "loss"), ("llama", "loss", "residual")])
+def test_curve_scale_auto_is_residual_after_post_norms_and_loss_before(models, tokenizer, texts, tmp_path, key,
+                                                                       scale, other):
+    """quality.yaml's curve_scale auto: the same output as naming the scale the family takes, and not the
+    other scale's (which on these models allocates differently)."""
+    model = models(key) if key == "gemma3" else make_tiny_llama(str(tmp_path / "m"), tokenizer, seed=5)
+    digests = {}
+    for value in ("auto", scale, other):
+        compress(model, tmp_path / value, method="dotresize", sparsity=0.0, target_size=0.8, mlp_ratio="fill",
+                 allocation="global", width_multiple=8, dataset=texts["calib"],
+                 method_options={"mlp_support": "obs", "mlp_reader": "lstsq", "reader": "lstsq",
+                                 "head_allocation": "global", "curve_scale": value})
+        digests[value] = {name: t.numpy().tobytes() for name, t in tensors(tmp_path / value).items()}
+    assert digests["auto"] == digests[scale]
+    assert digests["auto"] != digests[other]
+
+
 # ---- refusals ------------------------------------------------------------------------------------
 
 

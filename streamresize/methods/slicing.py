@@ -27,7 +27,7 @@ from ..transforms import by_rows, fold_norm, rotate_embedding, rotate_reader, ro
 from ..writer import save_tensors
 from . import dotresize, pca, prune, target_width, width_multiples
 from .base import WidthMethod
-from .curves import CURVE_SAMPLES, CURVE_SCALE, CurveAllocation
+from .curves import CURVE_SAMPLES, CURVE_SCALE, CurveAllocation, curve_scale_for
 from .heads import HeadLayout, select_heads
 from .neurons import narrow_mlp
 from .obs import solve_ridged
@@ -137,6 +137,8 @@ class SlicingMethod(CurveAllocation, WidthMethod):
         if self.heads_kept != self.heads_source and r.basis == "shared":
             raise StreamResizeError("--attention-sparsity with --basis shared is not supported yet (the shared basis "
                                     "is fitted on the dense attention); use --basis per-point")
+        if "curve_scale" in self.options:
+            self.options["curve_scale"] = curve_scale_for(run.family, self.options["curve_scale"])
         head_allocation = self.options.get("head_allocation", HEAD_ALLOCATION.default)
         self.global_heads, self.auto_heads = head_allocation == "global", head_allocation == "auto"
         if self.global_heads or self.auto_heads:
