@@ -134,11 +134,10 @@ class ArchSpec:
         """The stored 1-d tensors of a model with this config and residual width `width`: every block's
         norms and the final norm, reader biases (their rows follow the kept heads) and per-head q/k norms.
         The block-linear formula leaves them out; --target-size counts them, so that an output does not
-        pass its budget by them (Gemma 3 270M: 58k parameters; Qwen2.5-7B's biases: 130k)."""
+        pass its budget by them (Gemma 3 270M: 56k parameters; Qwen2.5-7B's biases: 130k)."""
         per_block = (2 + len(self.post_norms)) * width
         per_block += sum(self.role_rows(role, config) for role in self.biases)
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        per_block += len(self.head_norms) * head_dim
+        per_block += len(self.head_norms) * BlockShape.from_config(config).q_out // config["num_attention_heads"]
         return config["num_hidden_layers"] * per_block + width
 
     @property
